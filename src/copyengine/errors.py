@@ -1,0 +1,20 @@
+"""Errors and errno values shared by the whole package."""
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+#: Linux's EHWPOISON ("Memory page has hardware error"); Python's errno lacks it before 3.14.
+EHWPOISON = getattr(_errno, "EHWPOISON", 133)
+
+
+class EngineUnavailable(RuntimeError):
+    """A copy engine cannot run on this machine (no OpenCL platform, too many threads, ...)."""
+
+
+def oserror(code: int, detail: str = "") -> OSError:
+    """An OSError carrying a Linux errno, with strerror and an optional detail like the kernel's."""
+    msg = os.strerror(code) if code != EHWPOISON else "Memory page has hardware error"
+    if detail:
+        msg = f"{msg}: {detail}"
+    return OSError(code, msg)

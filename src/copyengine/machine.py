@@ -1,0 +1,254 @@
+"""The simulated NUMA machine: nodes of page frames, mem_map, allocator, processes, vmstat."""
+from __future__ import annotations
+
+import errno
+import numbers
+import threading
+from collections import Counter
+
+import numpy as np
+
+from .errors import EngineUnavailable, oserror
+from .mm.buddy import BuddyAllocator
+from .mm.memmap import (OWNER_ZERO_PAGE, PG_allocated, PG_head, PG_hwpoison, PG_nonzero,
+                        PG_reserved, MemMap)
+from .mm.physmem import PhysMem
+from .plugins import engine_registry, get_plugin_manager
+from .settings import Settings
+from .units import parse_size
+
+HPAGE_PMD_SIZE = 2 << 20
+PAGE_SIZES = (4096, 65536)
+MAX_NODES = 64
+DEFAULT_ENGINE = "serial"
+
+VMSTAT_COUNTERS = (
+    "pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migration_fail",
+    "thp_migration_split", "pgfault", "pgalloc", "pgfree", "cow_fault", "thp_split_page",
+    "nr_hwpoison",
+)
+
+
+class Machine:
+    """A NUMA machine: ``nodes`` nodes of ``node_size`` bytes, base pages of ``page_size``.
+
+    All frames live in one lazily backed buffer (node i owns pfns
+    ``[i * frames_per_node, (i + 1) * frames_per_node)``); per-frame metadata lives in
+    :class:`~copyengine.mm.memmap.MemMap` arrays; each node has a buddy allocator serving
+    folios of order 0 up to 2 MiB. One lock (``lock``, with ``cond`` for migration-entry
+    waiters) serializes page-table and mem_map updates, like mmap_lock plus the PTL.
+    """
+
+    def __init__(self, nodes=2, node_size="256MiB", page_size="4KiB", *, engine=None,
+                 plugin_manager=None):
+        if isinstance(nodes, bool) or not isinstance(nodes, numbers.Integral):
+            raise TypeError(f"nodes must be an int, not {type(nodes).__name__}")
+        if not 1 <= nodes <= MAX_NODES:
+            raise ValueError(f"nodes must be in 1..{MAX_NODES}, got {nodes}")
+        page_size = parse_size(page_size, "page_size")
+        if page_size not in PAGE_SIZES:
+            raise ValueError(f"page_size must be 4KiB or 64KiB, got {page_size}")
+        node_size = parse_size(node_size, "node_size")
+        if node_size % HPAGE_PMD_SIZE:
+            raise ValueError(f"node_size must be a multiple of 2MiB (the largest folio), got {node_size}")
+        self.nodes = int(nodes)
+        self.page_size = page_size
+        self.page_shift = page_size.bit_length() - 1
+        self.node_size = node_size
+        self.hpage_pmd_nr = HPAGE_PMD_SIZE // page_size
+        self.max_order = self.hpage_pmd_nr.bit_length() - 1
+        self.frames_per_node = node_size // page_size
+        self.total_frames = self.nodes * self.frames_per_node
+        self.phys = PhysMem(self.nodes * node_size)
+        self.mem_map = MemMap(self.total_frames)
+        self.buddy = BuddyAllocator(self.nodes, self.frames_per_node, self.max_order)
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+        self.objects = {}         # owner id -> AnonVma / Shmem (rmap roots)
+        self.processes = {}       # pid -> Process
+        self._next_pid = 1
+        self._vmstat = Counter({k: 0 for k in VMSTAT_COUNTERS})
+        self.settings = Settings(self)
+        self._closed = False
+        self._engine = None
+        self.engine_spec = None
+        # The shared zero page: frame 0 of node 0, reserved for the machine's life.
+        self.zero_pfn = int(self.buddy.alloc_exact(0, 0, 1)[0])
+        mm = self.mem_map
+        mm.prep_new_folios(np.array([self.zero_pfn]), 0)
+        mm.flags[self.zero_pfn] |= PG_reserved
+        mm.owner[self.zero_pfn] = OWNER_ZERO_PAGE
+        self.set_engine(DEFAULT_ENGINE if engine is None else engine)
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """End every process and release the physical memory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._engine is not None:
+            self._engine.close()
+        self.phys.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def check_open(self):
+        if self._closed:
+            raise ValueError("the machine is closed")
+
+    def __repr__(self):
+        return (f"<Machine nodes={self.nodes} node_size={self.node_size} page_size={self.page_size}"
+                f" engine={self.engine_spec!r}{' closed' if self._closed else ''}>")
+
+    # ----------------------------------------------------------------- memory
+    @property
+    def mem(self) -> np.ndarray:
+        """Physical memory as one uint8 array (frames of node i after node i-1's)."""
+        return self.phys.mem
+
+    def node_of_pfn(self, pfn):
+        return pfn // self.frames_per_node
+
+    def free_pages(self, node=None) -> int:
+        """Free base pages on ``node`` (or the whole machine)."""
+        return self.buddy.free_pages(node)
+
+    def alloc_folios(self, node: int, order: int, count: int) -> np.ndarray:
+        """Allocate ``count`` folios through the allocation hook; ENOMEM (nothing kept) if short."""
+        heads = self.pm.hook.copyengine_alloc_frames(machine=self, node=node, order=order, count=count)
+        heads = np.asarray(heads if heads is not None else [], dtype=np.int64)
+        if len(heads) < count:
+            self.buddy.free(heads, order)
+            raise oserror(errno.ENOMEM, f"node {node} cannot supply {count} folio(s) of "
+                                        f"{self.page_size << order} bytes")
+        self.mem_map.prep_new_folios(heads, order)
+        self._vmstat["pgalloc"] += count << order
+        return heads
+
+    def free_folios(self, heads) -> None:
+        """Give folios back to the buddy allocator (free_unref_folios). Poisoned pages
+        are kept out for good; the rest of a poisoned folio is freed page by page."""
+        heads = np.asarray(heads, dtype=np.int64)
+        if not len(heads):
+            return
+        mm = self.mem_map
+        orders = mm.order[heads]
+        pages = mm.folio_pages(heads, orders)
+        flags = mm.flags[pages]
+        assert not (flags & PG_reserved).any(), "freeing a reserved frame"
+        mm.flags[pages] = flags & (PG_nonzero | PG_hwpoison)
+        mm.refcount[heads] = 0
+        mm.pincount[heads] = 0
+        mm.mapcount[pages] = 0
+        mm.owner[pages] = 0
+        self._vmstat["pgfree"] += len(pages)
+        poisoned = (flags & PG_hwpoison) != 0
+        if poisoned.any():
+            # A folio with a poisoned page: its clean pages go back one by one (they merge).
+            folio_of_page = np.repeat(np.arange(len(heads)), np.left_shift(1, orders.astype(np.int64)))
+            bad = np.zeros(len(heads), bool)
+            bad[folio_of_page[poisoned]] = True
+            self.buddy.free(pages[bad[folio_of_page] & ~poisoned], 0)
+            heads, orders = heads[~bad], orders[~bad]
+        for o in np.unique(orders):
+            self.buddy.free(heads[orders == o], int(o))
+
+    def hwpoison(self, pfn) -> None:
+        """Mark a frame hardware-poisoned (memory_failure). A free frame is taken out of
+        the allocator at once; an allocated one when its folio is freed. Accesses to it
+        raise OSError(EHWPOISON); migration of its folio fails with -EHWPOISON."""
+        self.check_open()
+        if isinstance(pfn, bool) or not isinstance(pfn, numbers.Integral):
+            raise TypeError(f"pfn must be an int, not {type(pfn).__name__}")
+        if not 0 <= pfn < self.total_frames:
+            raise ValueError(f"pfn {pfn} outside the machine (0..{self.total_frames - 1})")
+        pfn = int(pfn)
+        with self.lock:
+            mm = self.mem_map
+            if mm.flags[pfn] & PG_hwpoison:
+                return
+            if not mm.flags[pfn] & PG_allocated:
+                taken = self.buddy.take_off(pfn)
+                assert taken, f"pfn {pfn} is neither allocated nor free"
+            mm.flags[pfn] |= PG_hwpoison
+            self._vmstat["nr_hwpoison"] += 1
+
+    # ----------------------------------------------------------------- processes
+    def spawn(self, uid=1000, cap_sys_nice=False, mems_allowed=None):
+        """A new process (empty address space) with credentials and a cpuset."""
+        from .mm.process import Process
+        self.check_open()
+        if isinstance(uid, bool) or not isinstance(uid, numbers.Integral):
+            raise TypeError(f"uid must be an int, not {type(uid).__name__}")
+        if uid < 0:
+            raise ValueError(f"uid must be >= 0, got {uid}")
+        if not isinstance(cap_sys_nice, bool):
+            raise TypeError(f"cap_sys_nice must be a bool, not {type(cap_sys_nice).__name__}")
+        allowed = self.node_set(mems_allowed, "mems_allowed") if mems_allowed is not None \
+            else frozenset(range(self.nodes))
+        if not allowed:
+            raise ValueError("mems_allowed must name at least one node")
+        with self.lock:
+            pid = self._next_pid
+            self._next_pid += 1
+            p = Process(self, pid, int(uid), cap_sys_nice, allowed)
+            self.processes[pid] = p
+            return p
+
+    def node_set(self, nodes, what="node set") -> frozenset:
+        """Validate an iterable of node ids (ValueError/TypeError)."""
+        if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
+            raise TypeError(f"{what} must be an iterable of ints, not {type(nodes).__name__}")
+        out = set()
+        for n in nodes:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+                raise TypeError(f"{what} holds {n!r}, not an int")
+            if not 0 <= n < self.nodes:
+                raise ValueError(f"{what} names node {n}; this machine has nodes 0..{self.nodes - 1}")
+            out.add(int(n))
+        return frozenset(out)
+
+    # ----------------------------------------------------------------- engines
+    def engines(self) -> dict:
+        """Registered engines by name (see :func:`copyengine.plugins.engine_registry`)."""
+        return engine_registry(self.pm)
+
+    def set_engine(self, spec) -> None:
+        """Select the copy engine by spec (``"serial"``, ``"mt:4"``, ...). Raises ValueError
+        or TypeError for a bad spec, EngineUnavailable when it cannot run here; the
+        previous engine stays selected on any error."""
+        from .engines.base import create_engine
+        self.check_open()
+        engine = create_engine(spec, self, self.engines())
+        with self.lock:
+            old, self._engine, self.engine_spec = self._engine, engine, spec
+        if old is not None:
+            old.close()
+
+    @property
+    def engine(self):
+        return self._engine
+
+    # ----------------------------------------------------------------- counters
+    @property
+    def vmstat(self) -> dict:
+        """A snapshot of the event counters (plain ints), like /proc/vmstat."""
+        with self.lock:
+            out = {k: int(v) for k, v in self._vmstat.items()}
+        out["nr_free_pages"] = self.free_pages() if not self._closed else 0
+        return out
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._vmstat[name] += int(n)
+
+
+__all__ = ["Machine", "EngineUnavailable"]

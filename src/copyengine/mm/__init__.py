@@ -1,0 +1,1 @@
+"""The memory-management model: physical memory, mem_map, the buddy allocator, processes."""

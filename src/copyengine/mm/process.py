@@ -1,0 +1,709 @@
+"""Processes: address spaces of VMAs, page faults, copy-on-write, fork, pins and exit.
+
+Everything that changes page tables or mem_map runs under ``machine.lock``. Faults are
+handled a whole access at a time (all-or-nothing): the pages an access needs are planned,
+allocated in bulk, and only then installed, so an access that fails (EFAULT, ENOMEM,
+EHWPOISON) changes nothing.
+"""
+from __future__ import annotations
+
+import bisect
+import errno
+import numbers
+import time
+
+import numpy as np
+
+from ..errors import EHWPOISON, oserror
+from .memmap import PG_anon, PG_head, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
+from .pte import PTE_MIGRATION, PTE_PRESENT, PTE_WRITE, mk_pte, pte_pfn
+from .vma import AnonVma, Shmem, Vma
+
+MMAP_BASE = 1 << 40
+ADDRESS_LIMIT = 1 << 47
+MPOL_MF_STRICT, MPOL_MF_MOVE, MPOL_MF_MOVE_ALL = 1, 2, 4
+
+
+def _check_int(value, what):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    return int(value)
+
+
+def pfn_runs(pfns: np.ndarray):
+    """Split a pfn sequence into runs of consecutive frames: (start index, pfn, length)."""
+    if not len(pfns):
+        return []
+    brk = np.nonzero(np.diff(pfns) != 1)[0] + 1
+    starts = np.concatenate(([0], brk))
+    lens = np.diff(np.concatenate((starts, [len(pfns)])))
+    return list(zip(starts.tolist(), pfns[starts].tolist(), lens.tolist()))
+
+
+class Pin:
+    """Extra references on the folios of a range (get_user_pages with FOLL_PIN)."""
+
+    def __init__(self, process, heads):
+        self.process = process
+        self.heads = heads
+        self.released = False
+
+    def release(self):
+        """Drop the references (unpin_user_pages). A second release is a ValueError."""
+        m = self.process.machine
+        with m.lock:
+            if self.released:
+                raise ValueError("this pin was already released")
+            m.check_open()
+            mm = m.mem_map
+            np.add.at(mm.pincount, self.heads, -1)
+            np.add.at(mm.refcount, self.heads, -1)
+            self.released = True
+            uh = np.unique(self.heads)
+            m.free_folios(uh[mm.refcount[uh] == 0])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self.released:
+            self.release()
+
+
+class _Seg:
+    """One VMA's share of an access: pages [i0, i1) of ``vma``."""
+    __slots__ = ("vma", "i0", "i1", "plan")
+
+    def __init__(self, vma, i0, i1):
+        self.vma, self.i0, self.i1, self.plan = vma, i0, i1, None
+
+
+class Process:
+    """A process: credentials, a cpuset (``mems_allowed``) and an address space."""
+
+    def __init__(self, machine, pid, uid, cap_sys_nice, mems_allowed):
+        self.machine = machine
+        self.pid = pid
+        self.uid = uid
+        self.cap_sys_nice = cap_sys_nice
+        self.mems_allowed = mems_allowed
+        self.vmas: list[Vma] = []
+        self._starts: list[int] = []
+        self._next_addr = MMAP_BASE
+        self.alive = True
+
+    def __repr__(self):
+        return f"<Process pid={self.pid} uid={self.uid} vmas={len(self.vmas)}{'' if self.alive else ' exited'}>"
+
+    # ------------------------------------------------------------------ helpers
+    def _enter(self):
+        self.machine.check_open()
+        if not self.alive:
+            raise oserror(errno.ESRCH, f"process {self.pid} has exited")
+
+    def _insert_vma(self, vma):
+        i = bisect.bisect(self._starts, vma.start)
+        self._starts.insert(i, vma.start)
+        self.vmas.insert(i, vma)
+        vma.obj.vmas.append(vma)
+
+    def _remove_vma(self, vma):
+        i = self.vmas.index(vma)
+        del self.vmas[i], self._starts[i]
+        vma.obj.vmas.remove(vma)
+
+    def find_vma(self, addr: int):
+        i = bisect.bisect(self._starts, addr) - 1
+        if i >= 0 and addr < self.vmas[i].end:
+            return self.vmas[i]
+        return None
+
+    def _span(self, addr: int, length: int) -> list[_Seg]:
+        """The VMAs covering [addr, addr+length) without a hole, or EFAULT."""
+        shift = self.machine.page_shift
+        end = addr + length
+        segs, cur = [], addr
+        while cur < end:
+            vma = self.find_vma(cur)
+            if vma is None:
+                raise oserror(errno.EFAULT, f"address {cur:#x} is not mapped in process {self.pid}")
+            stop = min(end, vma.end)
+            segs.append(_Seg(vma, (cur - vma.start) >> shift, ((stop - 1 - vma.start) >> shift) + 1))
+            cur = vma.end
+        return segs
+
+    def _overlapping(self, start: int, end: int):
+        i = max(bisect.bisect(self._starts, start) - 1, 0)
+        out = []
+        while i < len(self.vmas) and self.vmas[i].start < end:
+            if self.vmas[i].end > start:
+                out.append(self.vmas[i])
+            i += 1
+        return out
+
+    def _wait_migration(self, resolve):
+        """Run ``resolve()`` (-> segments) until none of its PTEs is a migration entry,
+        waiting for migrations to finish (bounded by the setting migration_wait_timeout)."""
+        m = self.machine
+        deadline = None
+        while True:
+            segs = resolve()
+            if not any((s.vma.ptes[s.i0:s.i1] & PTE_MIGRATION).any() for s in segs):
+                return segs
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + m.settings["migration_wait_timeout"]
+            if now >= deadline:
+                raise oserror(errno.ETIMEDOUT, "waited too long on a migration entry")
+            m.cond.wait(deadline - now)
+            self._enter()
+
+    def _all_segs(self):
+        return [_Seg(v, 0, v.npages) for v in self.vmas]
+
+    # ------------------------------------------------------------------ mmap / munmap
+    def mmap(self, length, node=0, shared=False, folio_size=None, populate=True) -> int:
+        """Map anonymous memory bound to ``node``; returns its page-aligned address.
+
+        ``folio_size`` (a power of two from the base page up to 2 MiB) aligns the mapping
+        and makes faults allocate naturally aligned folios of that size. With ``populate``
+        every page is faulted in for writing (MAP_POPULATE); ENOMEM unmaps it again.
+        """
+        m = self.machine
+        length = _check_int(length, "length")
+        node = _check_int(node, "node")
+        if not isinstance(shared, bool):
+            raise TypeError(f"shared must be a bool, not {type(shared).__name__}")
+        if not isinstance(populate, bool):
+            raise TypeError(f"populate must be a bool, not {type(populate).__name__}")
+        if length <= 0:
+            raise oserror(errno.EINVAL, f"mmap length must be positive, got {length}")
+        if not 0 <= node < m.nodes:
+            raise oserror(errno.EINVAL, f"node {node} does not exist (nodes 0..{m.nodes - 1})")
+        if folio_size is None:
+            fsize = m.page_size
+        else:
+            from ..units import parse_size
+            try:
+                fsize = parse_size(folio_size, "folio_size")
+            except ValueError as e:
+                raise oserror(errno.EINVAL, str(e)) from None
+            if fsize & (fsize - 1) or fsize < m.page_size or fsize > (2 << 20):
+                raise oserror(errno.EINVAL, f"folio_size must be a power of two from "
+                                            f"{m.page_size} to 2MiB, got {fsize}")
+        order = (fsize // m.page_size).bit_length() - 1
+        length = -(-length // m.page_size) * m.page_size
+        with m.lock:
+            self._enter()
+            if node not in self.mems_allowed:
+                raise oserror(errno.EINVAL, f"node {node} is outside the process's cpuset")
+            start = -(-self._next_addr // fsize) * fsize
+            if start + length > ADDRESS_LIMIT:
+                raise oserror(errno.ENOMEM, "address space exhausted")
+            npages = length >> m.page_shift
+            if shared:
+                obj, pgoff = Shmem(npages), 0
+            else:
+                obj, pgoff = AnonVma(), start >> m.page_shift
+            m.objects[obj.id] = obj
+            vma = Vma(self, start, start + length, node, order, obj, pgoff, np.zeros(npages, np.uint64))
+            self._insert_vma(vma)
+            self._next_addr = start + length + m.page_size  # a guard gap between mappings
+            if populate:
+                try:
+                    self._access(start, length, write=True)
+                except OSError:
+                    self._unmap_range(start, start + length)
+                    raise
+            return start
+
+    def munmap(self, addr, length) -> None:
+        """Unmap [addr, addr+length): a part of a mapping or of a large folio too (an
+        anonymous large folio left partly mapped is split). Holes are fine, as in Linux."""
+        m = self.machine
+        addr = _check_int(addr, "addr")
+        length = _check_int(length, "length")
+        if addr % m.page_size:
+            raise oserror(errno.EINVAL, f"munmap address {addr:#x} is not page aligned")
+        if length <= 0:
+            raise oserror(errno.EINVAL, f"munmap length must be positive, got {length}")
+        length = -(-length // m.page_size) * m.page_size
+        if addr < 0 or addr + length > ADDRESS_LIMIT:
+            raise oserror(errno.EINVAL, "munmap range outside the address space")
+        with m.lock:
+            self._enter()
+            self._unmap_range(addr, addr + length)
+
+    def _unmap_range(self, start, end):
+        shift = self.machine.page_shift
+
+        def resolve():
+            return [_Seg(v, (max(start, v.start) - v.start) >> shift, (min(end, v.end) - v.start) >> shift)
+                    for v in self._overlapping(start, end)]
+
+        segs = self._wait_migration(resolve)
+        released = []
+        for s in segs:
+            vma = s.vma
+            released.append(self._zap(vma, s.i0, s.i1))
+            self._remove_vma(vma)
+            for lo, hi in ((0, s.i0), (s.i1, vma.npages)):
+                if hi > lo:
+                    self._insert_vma(Vma(self, vma.start + (lo << shift), vma.start + (hi << shift),
+                                         vma.node, vma.order, vma.obj, vma.pgoff + lo,
+                                         vma.ptes[lo:hi].copy()))
+            if not vma.obj.vmas:
+                self._release_object(vma.obj)
+        if released:
+            self._release_folios(np.concatenate(released))
+
+    def _zap(self, vma, i0, i1) -> np.ndarray:
+        """zap_pte_range: clear PTEs, drop map counts and references; returns the heads touched."""
+        m = self.machine
+        mm = m.mem_map
+        ptes = vma.ptes[i0:i1]
+        pfns = pte_pfn(ptes[(ptes & PTE_PRESENT) != 0])
+        pfns = pfns[pfns != m.zero_pfn]
+        ptes[:] = 0
+        if not len(pfns):
+            return pfns
+        mm.mapcount[pfns] -= 1
+        heads = mm.head[pfns]
+        np.add.at(mm.refcount, heads, -1)
+        return heads
+
+    def _release_object(self, obj):
+        """The last VMA of an object is gone: truncate a shmem object's page cache."""
+        m = self.machine
+        m.objects.pop(obj.id, None)
+        if obj.shared:
+            pfns = obj.cache[obj.cache >= 0]
+            heads = np.unique(m.mem_map.head[pfns])
+            obj.cache[:] = -1
+            m.mem_map.refcount[heads] -= 1
+            m.free_folios(heads[m.mem_map.refcount[heads] == 0])
+
+    def _release_folios(self, heads):
+        """Free folios whose last reference went; split anonymous large folios left
+        partly mapped (deferred_split_folio, done at once here)."""
+        m = self.machine
+        mm = m.mem_map
+        uh = np.unique(heads)
+        dead = uh[mm.refcount[uh] == 0]
+        m.free_folios(dead)
+        live = uh[(mm.refcount[uh] > 0) & (mm.order[uh] > 0)]
+        for h in live.tolist():
+            self._maybe_split(int(h))
+
+    def _maybe_split(self, h):
+        m = self.machine
+        mm = m.mem_map
+        nr = 1 << int(mm.order[h])
+        pages = np.arange(h, h + nr)
+        if not mm.flags[h] & PG_anon or mm.pincount[h] or mm.flags[h] & (PG_locked | PG_isolated):
+            return
+        mapped = mm.mapcount[pages]
+        if (mapped > 0).all() and int(mapped.sum()) == int(mm.refcount[h]):
+            return  # still fully mapped: nothing to split
+        split_folio(m, h)
+
+    # ------------------------------------------------------------------ faults
+    def _plan(self, seg, write):
+        """Work out what faulting seg's pages needs; raise EHWPOISON before changing anything."""
+        m = self.machine
+        mm = m.mem_map
+        vma = seg.vma
+        ptes = vma.ptes[seg.i0:seg.i1]
+        present = (ptes & PTE_PRESENT) != 0
+        cur = pte_pfn(ptes[present])
+        if len(cur) and (mm.flags[cur] & PG_hwpoison).any():
+            bad = cur[(mm.flags[cur] & PG_hwpoison) != 0][0]
+            raise oserror(EHWPOISON, f"frame {bad} is poisoned")
+        plan = {"new": [], "zero": None, "map_cached": None, "reuse": None, "cow": None}
+        none_idx = np.nonzero(~present)[0] + seg.i0
+        if len(none_idx):
+            if vma.shared:
+                pg = vma.pgoff + none_idx
+                cached = vma.obj.cache[pg]
+                have = cached >= 0
+                if have.any():
+                    cp = cached[have]
+                    if (mm.flags[cp] & PG_hwpoison).any():
+                        raise oserror(EHWPOISON, "a page of the shared object is poisoned")
+                    plan["map_cached"] = (none_idx[have], cp)
+                holes = none_idx[~have]
+                if len(holes):
+                    plan["new"] = self._plan_new(vma, holes, cache=vma.obj.cache)
+            elif write:
+                plan["new"] = self._plan_new(vma, none_idx, cache=None)
+            else:
+                plan["zero"] = none_idx
+        if write and not vma.shared:
+            ro = present & ((ptes & PTE_WRITE) == 0)
+            if ro.any():
+                idx = np.nonzero(ro)[0] + seg.i0
+                old = pte_pfn(vma.ptes[idx])
+                heads = mm.head[old]
+                excl = (old != m.zero_pfn) & (mm.mapcount[old] == 1) & (mm.pincount[heads] == 0)
+                if excl.any():
+                    # reuse only if no other page of the folio is mapped elsewhere or referenced
+                    uh = np.unique(heads[excl])
+                    ok = {int(h) for h in uh.tolist() if self._folio_exclusive(int(h))}
+                    excl &= np.fromiter((int(h) in ok for h in heads.tolist()), bool, len(heads))
+                plan["reuse"] = idx[excl]
+                plan["cow"] = (idx[~excl], old[~excl])
+        seg.plan = plan
+        return plan
+
+    def _folio_exclusive(self, h):
+        mm = self.machine.mem_map
+        nr = 1 << int(mm.order[h])
+        mc = mm.mapcount[h:h + nr]
+        return bool((mc <= 1).all()) and int(mc.sum()) + self._cache_refs(h) == int(mm.refcount[h])
+
+    def _cache_refs(self, h):
+        return 1 if self.machine.mem_map.flags[h] & PG_swapbacked else 0
+
+    def _plan_new(self, vma, idx, cache):
+        """Split the pages to allocate into naturally aligned large folios where the whole
+        aligned range is inside the VMA and untouched, and single pages otherwise."""
+        o = vma.order
+        if o == 0:
+            return [(0, idx)]
+        nr = 1 << o
+        base_vpn = vma.start >> self.machine.page_shift
+        groups = np.unique((base_vpn + idx) >> o)
+        first = (groups << o) - base_vpn
+        inside = (first >= 0) & (first + nr <= vma.npages)
+        big = []
+        for g0 in first[inside].tolist():
+            rng = slice(g0, g0 + nr)
+            if (vma.ptes[rng] == 0).all() and (cache is None or (cache[vma.pgoff + g0:vma.pgoff + g0 + nr] < 0).all()):
+                big.append(g0)
+        out = []
+        small = idx
+        if big:
+            big = np.array(big, np.int64)
+            out.append((o, (big[:, None] + np.arange(nr)[None, :]).ravel()))
+            covered = np.zeros(vma.npages, bool)
+            covered[out[0][1]] = True
+            small = idx[~covered[idx]]
+        if len(small):
+            out.append((0, small))
+        return out
+
+    def _alloc_plans(self, segs):
+        """Allocate every folio the plans need, all or nothing (ENOMEM frees what was taken)."""
+        m = self.machine
+        got = []
+        try:
+            for s in segs:
+                p = s.plan
+                p["heads"] = []
+                for order, idx in p["new"]:
+                    heads = m.alloc_folios(s.vma.node, order, len(idx) >> order)
+                    got.append(heads)
+                    p["heads"].append(heads)
+                cow = p["cow"]
+                p["cow_heads"] = None
+                if cow is not None and len(cow[0]):
+                    heads = m.alloc_folios(s.vma.node, 0, len(cow[0]))
+                    got.append(heads)
+                    p["cow_heads"] = heads
+        except OSError:
+            for heads in got:
+                m.free_folios(heads)
+            raise
+
+    def _commit(self, seg, lo, hi):
+        """Install what _plan/_alloc_plans prepared; zero new memory outside [lo, hi)."""
+        m = self.machine
+        mm = m.mem_map
+        vma, p = seg.vma, seg.plan
+        obj = vma.obj
+        shift = m.page_shift
+        ps = m.page_size
+        fresh = []
+        for (order, idx), heads in zip(p["new"], p["heads"]):
+            nr = 1 << order
+            pfns = (heads[:, None] + np.arange(nr)[None, :]).ravel() if nr > 1 else heads
+            mm.owner[pfns] = obj.id
+            mm.index[pfns] = vma.pgoff + idx
+            mm.mapcount[pfns] = 1
+            if obj.shared:
+                mm.flags[pfns] |= PG_swapbacked
+                obj.cache[vma.pgoff + idx] = pfns
+                mm.refcount[heads] = nr + 1
+            else:
+                mm.flags[pfns] |= PG_anon
+                mm.refcount[heads] = nr
+            vma.ptes[idx] = mk_pte(pfns, PTE_PRESENT | PTE_WRITE)
+            fresh.append((idx, pfns))
+            m.count("pgfault", len(idx))
+        if p["map_cached"] is not None:
+            idx, pfns = p["map_cached"]
+            mm.mapcount[pfns] += 1
+            np.add.at(mm.refcount, mm.head[pfns], 1)
+            vma.ptes[idx] = mk_pte(pfns, PTE_PRESENT | PTE_WRITE)
+            m.count("pgfault", len(idx))
+        if p["zero"] is not None:
+            vma.ptes[p["zero"]] = mk_pte(np.full(len(p["zero"]), m.zero_pfn), PTE_PRESENT)
+            m.count("pgfault", len(p["zero"]))
+        if p["reuse"] is not None and len(p["reuse"]):
+            vma.ptes[p["reuse"]] |= PTE_WRITE
+            m.count("pgfault", len(p["reuse"]))
+        if p.get("cow_heads") is not None:
+            idx, old = p["cow"]
+            new = p["cow_heads"]
+            mem = m.mem
+            for o, n in zip(old.tolist(), new.tolist()):
+                if o == m.zero_pfn:
+                    if mm.flags[n] & PG_nonzero:
+                        mem[n * ps:(n + 1) * ps] = 0
+                else:
+                    mem[n * ps:(n + 1) * ps] = mem[o * ps:(o + 1) * ps]
+            mm.flags[new] |= PG_anon | PG_nonzero
+            mm.owner[new] = obj.id
+            mm.index[new] = vma.pgoff + idx
+            mm.mapcount[new] = 1
+            mm.refcount[new] = 1
+            vma.ptes[idx] = mk_pte(new, PTE_PRESENT | PTE_WRITE)
+            real = old != m.zero_pfn
+            if real.any():
+                ro = old[real]
+                mm.mapcount[ro] -= 1
+                heads = mm.head[ro]
+                np.add.at(mm.refcount, heads, -1)
+                self._release_folios(heads)
+            m.count("pgfault", len(idx))
+            m.count("cow_fault", len(idx))
+        # clear_page for fresh frames that may hold old data, except bytes about to be written
+        for idx, pfns in fresh:
+            dirty = (mm.flags[pfns] & PG_nonzero) != 0
+            if not dirty.any():
+                continue
+            va = vma.start + (idx << shift)
+            covered = (va >= lo) & (va + ps <= hi)
+            need = pfns[dirty & ~covered]
+            for _, pfn, n in pfn_runs(np.sort(need)):
+                m.mem[pfn * ps:(pfn + n) * ps] = 0
+            mm.flags[need] &= ~PG_nonzero
+
+    def _access(self, addr, length, write, data=None):
+        """Fault in [addr, addr+length) (all or nothing), then copy ``data`` in (a write),
+        or bytes out (a read). A write fault without data only populates (pin, MAP_POPULATE)."""
+        segs = self._wait_migration(lambda: self._span(addr, length))
+        for s in segs:
+            self._plan(s, write)
+        self._alloc_plans(segs)
+        # Fresh frames are zeroed except for bytes that data is about to overwrite.
+        lo, hi = (addr, addr + length) if data is not None else (0, 0)
+        for s in segs:
+            self._commit(s, lo, hi)
+        if write and data is None:
+            return segs
+        pfns = np.concatenate([pte_pfn(s.vma.ptes[s.i0:s.i1]) for s in segs])
+        return self._copy_pages(pfns, addr, length, data)
+
+    def _copy_pages(self, pfns, addr, length, data):
+        m = self.machine
+        ps = m.page_size
+        mem = m.mem
+        first = addr & (ps - 1)
+        out = None if data is not None else bytearray(length)
+        src = memoryview(data) if data is not None else None
+        pos = 0
+        for i, pfn, n in pfn_runs(pfns):
+            lo = pfn * ps + (first if i == 0 else 0)
+            hi = (pfn + n) * ps
+            take = min(hi - lo, length - pos)
+            if data is not None:
+                mem[lo:lo + take] = np.frombuffer(src[pos:pos + take], np.uint8)
+            else:
+                out[pos:pos + take] = mem[lo:lo + take].tobytes() if take < 4096 else memoryview(mem[lo:lo + take])
+            pos += take
+        if data is not None:
+            m.mem_map.flags[pfns[pfns != m.zero_pfn]] |= PG_nonzero
+            return None
+        return bytes(out)
+
+    # ------------------------------------------------------------------ read / write
+    def _check_range(self, addr, length):
+        addr = _check_int(addr, "addr")
+        if addr < 0 or addr + length > ADDRESS_LIMIT:
+            raise oserror(errno.EFAULT, f"address {addr:#x} outside the address space")
+        return addr
+
+    def write(self, addr, data) -> None:
+        """Write bytes at ``addr`` (any alignment, across pages, folios and mappings).
+        EFAULT if any byte is unmapped (nothing is written), EHWPOISON for a poisoned page."""
+        try:
+            data = memoryview(data).cast("B")
+        except TypeError:
+            raise TypeError(f"data must be a contiguous bytes-like object, not {type(data).__name__}") from None
+        addr = self._check_range(addr, len(data))
+        if not len(data):
+            return
+        with self.machine.lock:
+            self._enter()
+            self._access(addr, len(data), True, data)
+
+    def read(self, addr, n) -> bytes:
+        """Read ``n`` bytes at ``addr``; never-written private pages read as zeros (the zero page)."""
+        n = _check_int(n, "n")
+        if n < 0:
+            raise oserror(errno.EINVAL, f"read length must be >= 0, got {n}")
+        addr = self._check_range(addr, n)
+        if n == 0:
+            return b""
+        with self.machine.lock:
+            self._enter()
+            return self._access(addr, n, False)
+
+    # ------------------------------------------------------------------ lookups
+    def _lookup_pte(self, addr):
+        addr = _check_int(addr, "addr")
+        m = self.machine
+        with m.lock:
+            self._enter()
+
+            def resolve():
+                vma = self.find_vma(addr) if 0 <= addr < ADDRESS_LIMIT else None
+                if vma is None:
+                    raise oserror(errno.EFAULT, f"address {addr:#x} is not mapped")
+                i = (addr - vma.start) >> m.page_shift
+                return [_Seg(vma, i, i + 1)]
+
+            s = self._wait_migration(resolve)[0]
+            pte = s.vma.ptes[s.i0]
+            if not pte & PTE_PRESENT:
+                raise oserror(errno.ENOENT, f"no page is mapped at {addr:#x} (never touched)")
+            return int(pte_pfn(pte))
+
+    def pfn_of(self, addr) -> int:
+        """Frame number of the page mapped at ``addr`` (ENOENT if never touched)."""
+        return self._lookup_pte(addr)
+
+    def node_of(self, addr) -> int:
+        """Node of the page mapped at ``addr``, like get_mempolicy(MPOL_F_NODE|MPOL_F_ADDR)."""
+        return self._lookup_pte(addr) // self.machine.frames_per_node
+
+    # ------------------------------------------------------------------ pins
+    def pin(self, addr, length) -> Pin:
+        """Pin [addr, addr+length) like pin_user_pages(FOLL_WRITE|FOLL_LONGTERM): pages are
+        faulted in writable (breaking COW) and their folios get an extra reference each."""
+        m = self.machine
+        length = _check_int(length, "length")
+        if length <= 0:
+            raise oserror(errno.EINVAL, f"pin length must be positive, got {length}")
+        addr = self._check_range(addr, length)
+        with m.lock:
+            self._enter()
+            start = addr & ~(m.page_size - 1)
+            end = -(-(addr + length) // m.page_size) * m.page_size
+            segs = self._access(start, end - start, True)
+            pfns = np.concatenate([pte_pfn(s.vma.ptes[s.i0:s.i1]) for s in segs])
+            heads = m.mem_map.head[pfns]
+            np.add.at(m.mem_map.pincount, heads, 1)
+            np.add.at(m.mem_map.refcount, heads, 1)
+            return Pin(self, heads)
+
+    # ------------------------------------------------------------------ fork / exit
+    def fork(self) -> "Process":
+        """A child with a copy of the address space: shared mappings stay shared, private
+        pages are shared copy-on-write, and pinned private pages are copied at once."""
+        m = self.machine
+        mm = m.mem_map
+        with m.lock:
+            self._enter()
+            self._wait_migration(self._all_segs)
+            # Pinned private pages need their own copy in the child: allocate first.
+            copies = []
+            try:
+                for vma in self.vmas:
+                    if vma.shared:
+                        continue
+                    present = np.nonzero((vma.ptes & PTE_PRESENT) != 0)[0]
+                    pfns = pte_pfn(vma.ptes[present])
+                    real = pfns != m.zero_pfn
+                    pinned = np.zeros(len(pfns), bool)
+                    pinned[real] = mm.pincount[mm.head[pfns[real]]] > 0
+                    if pinned.any():
+                        new = m.alloc_folios(vma.node, 0, int(pinned.sum()))
+                        copies.append((vma, present[pinned], pfns[pinned], new))
+            except OSError:
+                for c in copies:
+                    m.free_folios(c[3])
+                raise
+            child = m.spawn(self.uid, self.cap_sys_nice, self.mems_allowed)
+            child._next_addr = self._next_addr
+            copied = {id(c[0]): c for c in copies}
+            ps = m.page_size
+            for vma in self.vmas:
+                cv = Vma(child, vma.start, vma.end, vma.node, vma.order, vma.obj, vma.pgoff, vma.ptes.copy())
+                present = (vma.ptes & PTE_PRESENT) != 0
+                pfns = pte_pfn(vma.ptes[present])
+                share = pfns != m.zero_pfn
+                c = copied.get(id(vma))
+                if c is not None:
+                    _, idx, old, new = c
+                    for o, n in zip(old.tolist(), new.tolist()):
+                        m.mem[n * ps:(n + 1) * ps] = m.mem[o * ps:(o + 1) * ps]
+                    mm.flags[new] |= PG_anon | PG_nonzero
+                    mm.owner[new] = vma.obj.id
+                    mm.index[new] = vma.pgoff + idx
+                    mm.mapcount[new] = 1
+                    mm.refcount[new] = 1
+                    cv.ptes[idx] = mk_pte(new, PTE_PRESENT | PTE_WRITE)
+                    notpinned = np.ones(vma.npages, bool)
+                    notpinned[idx] = False
+                    share &= notpinned[np.nonzero(present)[0]]
+                sp = pfns[share]
+                mm.mapcount[sp] += 1
+                np.add.at(mm.refcount, mm.head[sp], 1)
+                if not vma.shared:
+                    wp = np.nonzero(present)[0][share]
+                    vma.ptes[wp] &= ~PTE_WRITE
+                    cv.ptes[wp] &= ~PTE_WRITE
+                child._insert_vma(cv)
+            return child
+
+    def exit(self) -> None:
+        """End the process: every mapping is unmapped and its memory freed (pins taken by
+        the process stay until released, like a driver's references)."""
+        m = self.machine
+        with m.lock:
+            if not self.alive:
+                return
+            m.check_open()
+            if self.vmas:
+                self._unmap_range(self.vmas[0].start, self.vmas[-1].end)
+            self.alive = False
+            m.processes.pop(self.pid, None)
+
+    # ------------------------------------------------------------------ syscalls
+    def move_pages(self, pid, pages, nodes=None, flags=MPOL_MF_MOVE):
+        """move_pages(2): see :func:`copyengine.migrate.syscalls.move_pages`."""
+        from ..migrate.syscalls import move_pages
+        return move_pages(self, pid, pages, nodes, flags)
+
+    def migrate_pages(self, pid, old_nodes, new_nodes) -> int:
+        """migrate_pages(2): see :func:`copyengine.migrate.syscalls.migrate_pages`."""
+        from ..migrate.syscalls import migrate_pages
+        return migrate_pages(self, pid, old_nodes, new_nodes)
+
+
+def split_folio(m, h):
+    """split_folio: every page of an anonymous large folio becomes an order-0 folio with
+    its own references (its PTE mappings); pages no longer referenced are freed."""
+    mm = m.mem_map
+    nr = 1 << int(mm.order[h])
+    pages = np.arange(h, h + nr)
+    mm.head[pages] = pages
+    mm.order[pages] = 0
+    mm.flags[pages] |= PG_head
+    mm.refcount[pages] = mm.mapcount[pages]
+    mm.pincount[pages] = 0
+    m.count("thp_split_page")
+    dead = pages[mm.refcount[pages] == 0]
+    m.free_folios(dead)

@@ -70,6 +70,7 @@ class Machine:
         self._next_pid = 1
         self._vmstat = Counter({k: 0 for k in VMSTAT_COUNTERS})
         self.settings = Settings(self)
+        self.migrate_times = dict.fromkeys(("prepare", "unmap", "move", "copy", "finalize"), 0.0)
         self._closed = False
         self._engine = None
         self.engine_spec = None
@@ -134,9 +135,20 @@ class Machine:
         self._vmstat["pgalloc"] += count << order
         return heads
 
-    def free_folios(self, heads) -> None:
+    def alloc_folios_upto(self, node: int, order: int, count: int) -> np.ndarray:
+        """Like alloc_folios, but hand back however many (possibly none) the node had."""
+        heads = self.pm.hook.copyengine_alloc_frames(machine=self, node=node, order=order, count=count)
+        heads = np.asarray(heads if heads is not None else [], dtype=np.int64)[:count]
+        if len(heads):
+            self.mem_map.prep_new_folios(heads, order)
+            self._vmstat["pgalloc"] += len(heads) << order
+        return heads
+
+    def free_folios(self, heads, *, undo=False) -> None:
         """Give folios back to the buddy allocator (free_unref_folios). Poisoned pages
-        are kept out for good; the rest of a poisoned folio is freed page by page."""
+        are kept out for good; the rest of a poisoned folio is freed page by page.
+        ``undo``: the folios were allocated by a call that is failing as a whole (all or
+        nothing), so the allocation is taken back from pgalloc instead of counted in pgfree."""
         heads = np.asarray(heads, dtype=np.int64)
         if not len(heads):
             return
@@ -145,12 +157,13 @@ class Machine:
         pages = mm.folio_pages(heads, orders)
         flags = mm.flags[pages]
         assert not (flags & PG_reserved).any(), "freeing a reserved frame"
+        assert (flags & PG_allocated).all(), "freeing a frame that is already free (double free)"
         mm.flags[pages] = flags & (PG_nonzero | PG_hwpoison)
         mm.refcount[heads] = 0
         mm.pincount[heads] = 0
         mm.mapcount[pages] = 0
         mm.owner[pages] = 0
-        self._vmstat["pgfree"] += len(pages)
+        self._vmstat["pgalloc" if undo else "pgfree"] += -len(pages) if undo else len(pages)
         poisoned = (flags & PG_hwpoison) != 0
         if poisoned.any():
             # A folio with a poisoned page: its clean pages go back one by one (they merge).

@@ -1,0 +1,533 @@
+"""The migration state machine of mm/migrate.c, over whole-batch arrays.
+
+For a list of isolated folios and a target node, ``migrate_pages`` cuts batches of at
+most ``nr_max_batched_migration`` base pages and runs each through
+
+1. prepare   -- allocate destinations (``get_new_folio``); -ENOMEM splits a large folio
+2. unmap     -- lock the sources, replace every PTE mapping them with a migration entry
+                (rmap walk), check references (extra pins: -EAGAIN, retried)
+3. move      -- move metadata to the destinations without copying (MIGRATE_NO_COPY)
+4. copy      -- one call for the whole batch through the copy engine (pluggy hook), with
+                ``folio_mc_copy`` for every folio the engine did not report done
+5. finalize  -- migration entries point at the destinations, sources are freed, waiters
+                woken; or undo -- entries restored to the sources, destinations freed.
+
+Every phase works on arrays of the whole batch (frame numbers, orders, return codes);
+there is no Python object per folio or page. The ``vanilla`` engine runs the same code
+one folio at a time, copying inside the move step, as mainline did before the series.
+"""
+from __future__ import annotations
+
+import errno
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..engines.base import CopyJob, folio_mc_copy
+from ..errors import EHWPOISON
+from ..mm.memmap import PG_anon, PG_head, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
+from ..mm.pte import PTE_MIGRATION, PTE_PRESENT, PTE_WRITE, mk_pte, pte_pfn
+
+MIGRATE_ASYNC, MIGRATE_SYNC_LIGHT, MIGRATE_SYNC = "async", "sync_light", "sync"
+NR_MAX_MIGRATE_PAGES_RETRY = 10
+NR_MAX_MIGRATE_ASYNC_RETRY = 3
+NR_MAX_MIGRATE_SYNC_RETRY = 7
+
+#: result code of a large folio that was split; its pages have results of their own
+SPLIT = 1
+PHASES = ("prepare", "unmap", "move", "copy", "finalize")
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What a policy sees of a batch before its copy (copyengine_select_engine)."""
+    nr_folios: int
+    nr_bytes: int
+    orders: np.ndarray
+    page_size: int
+    target: int
+
+
+class MigrationBatch:
+    """One batch in flight: per-folio arrays, and the migration entries it installed.
+
+    ``entries`` holds, per VMA the rmap walk found, the page indices, source pfns, batch
+    folio index and write bit of each PTE replaced by a migration entry: the state the
+    kernel keeps in ``src->private`` between unmap and finalize.
+    """
+
+    def __init__(self, m, src, target):
+        mm = m.mem_map
+        self.m = m
+        self.target = target
+        self.src = np.asarray(src, np.int64)
+        self.order = mm.order[self.src].astype(np.int64)
+        self.nr = np.left_shift(1, self.order)
+        n = len(self.src)
+        self.dst = np.full(n, -1, np.int64)
+        self.rc = np.zeros(n, np.int32)
+        self.copied = np.zeros(n, bool)
+        self.moved = np.zeros(n, bool)
+        self.entries = []
+        self.split = []  # heads of large folios split for want of memory
+
+    def __len__(self):
+        return len(self.src)
+
+    def pages(self, heads, sel):
+        return self.m.mem_map.folio_pages(heads[sel], self.order[sel])
+
+
+@contextmanager
+def _unlocked(m):
+    """Drop the machine lock around the copy so that accesses elsewhere proceed (and
+    accesses to the batch wait on their migration entries, not on the lock)."""
+    m.lock.release()
+    try:
+        yield
+    finally:
+        m.lock.acquire()
+
+
+def _event(m, event, **info):
+    m.pm.hook.copyengine_migration_event(machine=m, event=event, info=info)
+
+
+# --------------------------------------------------------------------------- phases
+def migrate_folios_prepare(b: MigrationBatch, nosplit: bool) -> None:
+    """get_new_folio for every folio: destinations on the target node, one bulk
+    allocation per order. Without memory a large anonymous folio is split (its pages
+    are migrated on their own, try_split_folio); anything else fails with -ENOMEM."""
+    m = b.m
+    mm = m.mem_map
+    for o in np.unique(b.order).tolist():
+        sel = np.nonzero(b.order == o)[0]
+        got = m.alloc_folios_upto(b.target, o, len(sel))
+        b.dst[sel[:len(got)]] = got
+        mm.flags[got] |= PG_locked
+        short = sel[len(got):]
+        if not len(short):
+            continue
+        b.rc[short] = -errno.ENOMEM
+        if o > 0 and not nosplit:
+            anon = (mm.flags[b.src[short]] & PG_anon) != 0
+            for h in b.src[short[anon]].tolist():
+                b.split.append(split_folio_isolated(m, h))
+            b.rc[short[anon]] = SPLIT
+
+
+def split_folio_isolated(m, h):
+    """split_folio of an isolated anonymous large folio: each page becomes an order-0
+    folio holding its PTE references and an isolation reference of its own. Returns
+    the pages."""
+    mm = m.mem_map
+    nr = 1 << int(mm.order[h])
+    pages = np.arange(h, h + nr, dtype=np.int64)
+    mm.head[pages] = pages
+    mm.order[pages] = 0
+    mm.flags[pages] |= PG_head | PG_isolated
+    mm.refcount[pages] = mm.mapcount[pages] + 1
+    mm.pincount[pages] = 0
+    m.count("thp_split_page")
+    return pages
+
+
+def migrate_folio_unmap(b: MigrationBatch) -> None:
+    """Lock each source, replace its PTEs in every process with migration entries
+    (try_to_migrate over the rmap), drop their references, and check that nothing else
+    holds one: a pinned folio gets -EAGAIN and its PTEs back."""
+    m = b.m
+    mm = m.mem_map
+    sel = np.nonzero((b.rc == 0) & (b.dst >= 0))[0]
+    if not len(sel):
+        return
+    src = b.src[sel]
+    mm.flags[src] |= PG_locked
+    if len(sel) == len(b) and not b.order.any():
+        pages, fidx = src, sel
+    else:
+        pages = b.pages(b.src, sel)
+        fidx = np.repeat(sel, b.nr[sel])
+    owners = mm.owner[pages]
+    uniq = owners[:1] if (owners == owners[0]).all() else np.unique(owners)
+    for oid in uniq.tolist():
+        obj = m.objects.get(oid)
+        if obj is None:
+            continue
+        if len(uniq) > 1:
+            mine = owners == oid
+            pg, fi = pages[mine], fidx[mine]
+        else:
+            pg, fi = pages, fidx
+        index = mm.index[pg]
+        for vma in obj.vmas:
+            vidx = index - vma.pgoff
+            ok = (vidx >= 0) & (vidx < vma.npages)
+            if not ok.all():
+                if not ok.any():
+                    continue
+                v, p, f = vidx[ok], pg[ok], fi[ok]
+            else:
+                v, p, f = vidx, pg, fi
+            pt = vma.ptes[v]
+            hit = ((pt & PTE_PRESENT) != 0) & (pte_pfn(pt) == p)
+            if not hit.all():
+                v, p, f, pt = v[hit], p[hit], f[hit], pt[hit]
+                if not len(v):
+                    continue
+            wbit = pt & PTE_WRITE
+            vma.ptes[v] = mk_pte(p, PTE_MIGRATION) | wbit
+            b.entries.append((vma, v, p, f, wbit))
+    _drop_mappings(b, +1)
+    # folio_expected_refs: the isolation reference, plus the page cache's for shmem
+    expected = 1 + ((mm.flags[src] & PG_swapbacked) != 0)
+    busy = mm.refcount[src] != expected
+    if busy.any():
+        bad = sel[busy]
+        b.rc[bad] = -errno.EAGAIN
+        _restore_ptes(b, bad, to_src=True)
+        mm.flags[b.src[bad]] &= ~PG_locked
+
+
+def _drop_mappings(b, sign):
+    """Map counts and references of the PTEs in ``b.entries``: removed (+1) or given back (-1)."""
+    mm = b.m.mem_map
+    if not b.entries:
+        return
+    if len(b.entries) == 1:
+        p, f = b.entries[0][2], b.entries[0][3]
+        mm.mapcount[p] -= sign
+    else:
+        p = np.concatenate([e[2] for e in b.entries])
+        f = np.concatenate([e[3] for e in b.entries])
+        np.subtract.at(mm.mapcount, p, sign)
+    per_folio = np.bincount(f, minlength=len(b))
+    mm.refcount[b.src] -= sign * per_folio.astype(np.int32)
+
+
+def _restore_ptes(b, folios, to_src):
+    """remove_migration_ptes for ``folios``: their entries point at the source (undo) or
+    the destination (success) again, with map counts and references."""
+    mm = b.m.mem_map
+    want = np.zeros(len(b), bool)
+    want[folios] = True
+    keep = []
+    counts = np.zeros(len(b), np.int64)
+    several = len(b.entries) > 1  # a page may then appear in more than one VMA
+    for vma, v, p, f, wbit in b.entries:
+        w = want[f]
+        if not w.any():
+            keep.append((vma, v, p, f, wbit))
+            continue
+        if not w.all():
+            keep.append((vma, v[~w], p[~w], f[~w], wbit[~w]))
+            v, p, f, wbit = v[w], p[w], f[w], wbit[w]
+        newp = p if to_src else b.dst[f] + (p - b.src[f])
+        vma.ptes[v] = mk_pte(newp, PTE_PRESENT) | wbit
+        if several:
+            np.add.at(mm.mapcount, newp, 1)
+        else:
+            mm.mapcount[newp] += 1
+        counts += np.bincount(f, minlength=len(b))
+    heads = b.src if to_src else b.dst
+    sel = np.nonzero(counts)[0]
+    mm.refcount[heads[sel]] += counts[sel].astype(np.int32)
+    b.entries = keep
+
+
+def migrate_folios_batch_move(b: MigrationBatch, sel) -> None:
+    """Move metadata (mapping, index, flags) of the folios ``sel`` to their destinations
+    without copying data: migrate_folios_batch_move with MIGRATE_NO_COPY. A shmem
+    folio's page-cache slot and reference move with it (folio_migrate_mapping)."""
+    m = b.m
+    mm = m.mem_map
+    if not len(sel):
+        return
+    if not b.order[sel].any():
+        sp, dp = b.src[sel], b.dst[sel]
+    else:
+        sp, dp = b.pages(b.src, sel), b.pages(b.dst, sel)
+    mm.owner[dp] = mm.owner[sp]
+    mm.index[dp] = mm.index[sp]
+    mm.flags[dp] |= mm.flags[sp] & (PG_anon | PG_swapbacked)
+    shmem = (mm.flags[b.src[sel]] & PG_swapbacked) != 0
+    mm.refcount[b.dst[sel]] = 1 + shmem
+    if shmem.any():
+        sh = sel[shmem]
+        mm.refcount[b.src[sh]] -= 1
+        spages, dpages = b.pages(b.src, sh), b.pages(b.dst, sh)
+        for oid in np.unique(mm.owner[spages]).tolist():
+            obj = m.objects[oid]
+            mine = mm.owner[spages] == oid
+            obj.cache[mm.index[spages[mine]]] = dpages[mine]
+    b.moved[sel] = True
+
+
+def _undo_move(b, sel):
+    """Give a moved folio's page-cache slot back to its source (undo of batch move)."""
+    m = b.m
+    mm = m.mem_map
+    shmem = sel[(mm.flags[b.src[sel]] & PG_swapbacked) != 0]
+    if len(shmem):
+        spages = b.pages(b.src, shmem)
+        for oid in np.unique(mm.owner[spages]).tolist():
+            obj = m.objects.get(oid)
+            if obj is None:
+                continue
+            mine = mm.owner[spages] == oid
+            obj.cache[mm.index[spages[mine]]] = spages[mine]
+        mm.refcount[b.src[shmem]] += 1
+    b.moved[sel] = False
+
+
+def build_copy_job(b: MigrationBatch, sel) -> CopyJob:
+    """The scatter-gather list of a batch: one descriptor per folio, over physical memory."""
+    m = b.m
+    mm = m.mem_map
+    ps = m.page_size
+    src, dst, nr = b.src[sel], b.dst[sel], b.nr[sel]
+    if not b.order[sel].any():
+        poisoned = (mm.flags[src] & PG_hwpoison) != 0
+    else:
+        pages = b.pages(b.src, sel)
+        bad = (mm.flags[pages] & PG_hwpoison) != 0
+        poisoned = np.logical_or.reduceat(bad, np.concatenate(([0], np.cumsum(nr)[:-1])))
+    return CopyJob(m.mem, src * ps, dst * ps, nr * ps, np.arange(len(sel), dtype=np.int64), poisoned)
+
+
+def migrate_folios_batch_copy(b: MigrationBatch, sel, engine) -> None:
+    """Copy the data of every folio in ``sel`` with one call through the copy hook, then
+    folio_mc_copy each folio the engine did not report copied. Runs without the machine
+    lock: accesses to these folios wait on their migration entries meanwhile."""
+    m = b.m
+    if not len(sel):
+        return
+    job = build_copy_job(b, sel)
+    info = BatchInfo(len(sel), job.total_bytes, b.order[sel], m.page_size, b.target)
+    chosen = m.pm.hook.copyengine_select_engine(machine=m, batch=info, engine=engine) or engine
+    try:
+        res = m.pm.hook.copyengine_batch_copy(machine=m, engine=chosen, job=job)
+        res = np.asarray(res)
+        if res.shape != (len(sel),) or res.dtype.kind not in "iu":
+            raise TypeError(f"engine {chosen.name} returned {res.dtype}{res.shape}, "
+                            f"expected int32[{len(sel)}]")
+        res = res.astype(np.int32)
+    except Exception as e:  # an engine that breaks must not lose the batch: CPU copies all
+        _event(m, "engine_error", engine=chosen.name, error=f"{type(e).__name__}: {e}")
+        res = np.full(len(sel), -errno.EIO, np.int32)
+    redo = np.nonzero(res != 0)[0]
+    if len(redo):
+        res[redo] = folio_mc_copy(job, redo)
+    b.rc[sel] = res
+    b.copied[sel] = res == 0
+    _event(m, "batch_copy", engine=chosen.name, folios=len(sel), bytes=job.total_bytes,
+           fallback=len(redo))
+
+
+def migrate_folios_finalize(b: MigrationBatch) -> None:
+    """migrate_folio_done / remove_migration_ptes: copied folios go live on the target
+    and their sources are freed; every other folio in flight is undone (PTEs back to the
+    source, destination freed). Waiters on migration entries are woken."""
+    m = b.m
+    mm = m.mem_map
+    ok = np.nonzero(b.copied)[0]
+    undo = np.nonzero(b.moved & ~b.copied | (~b.moved & (b.dst >= 0)))[0]
+    if len(ok):
+        dst = b.dst[ok]
+        if not b.order[ok].any():
+            dp = dst
+        else:
+            dp = b.pages(b.dst, ok)
+        mm.flags[dp] |= PG_nonzero
+        mm.mapcount[dp] = 0
+        mm.refcount[dst] -= 1  # the allocation reference; PTEs and page cache hold the rest
+        _restore_ptes(b, ok, to_src=False)
+        mm.flags[dst] &= ~PG_locked
+        src = b.src[ok]
+        mm.flags[src] &= ~(PG_locked | PG_isolated)
+        mm.refcount[src] -= 1  # the isolation reference: the last one
+        m.free_folios(src)
+        unused = dst[mm.refcount[dst] == 0]  # a page no PTE mapped (a split folio's hole)
+        if len(unused):
+            m.free_folios(unused)
+    if len(undo):
+        _undo_move(b, undo[b.moved[undo]])
+        _restore_ptes(b, undo, to_src=True)
+        mm.flags[b.src[undo]] &= ~PG_locked
+        m.free_folios(b.dst[undo])
+        b.dst[undo] = -1
+    m.cond.notify_all()
+
+
+# --------------------------------------------------------------------------- passes
+def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, stats=None):
+    """migrate_pages_batch: up to ``nr_pass`` passes over one batch; -EAGAIN folios are
+    retried. Returns (heads, rc) with one entry per folio that reached an outcome,
+    rc 0 for migrated, SPLIT for a split large folio, else -errno."""
+    engine = m.engine
+    times = m.migrate_times
+    out_h, out_rc = [], []
+    retry = np.asarray(heads, np.int64)
+    split = []
+    for _ in range(nr_pass):
+        if not len(retry):
+            break
+        b = MigrationBatch(m, retry, target)
+        _event(m, "batch_start", target=target, folios=len(b), mode=mode)
+        t0 = time.perf_counter()
+        migrate_folios_prepare(b, nosplit)
+        t1 = time.perf_counter()
+        migrate_folio_unmap(b)
+        t2 = time.perf_counter()
+        sel = np.nonzero((b.rc == 0) & (b.dst >= 0))[0]
+        if getattr(engine, "batched", True):
+            migrate_folios_batch_move(b, sel)
+            t3 = time.perf_counter()
+            with _unlocked(m):
+                migrate_folios_batch_copy(b, sel, engine)
+            t4 = time.perf_counter()
+        else:  # vanilla: each folio copied inside its own move step
+            tc = 0.0
+            for i in sel.tolist():
+                migrate_folios_batch_move(b, np.array([i]))
+                tx = time.perf_counter()
+                job = build_copy_job(b, np.array([i]))
+                b.rc[i] = folio_mc_copy(job, np.array([0]))[0]
+                b.copied[i] = b.rc[i] == 0
+                tc += time.perf_counter() - tx
+            t4 = time.perf_counter()
+            t3 = t4 - tc
+        migrate_folios_finalize(b)
+        t5 = time.perf_counter()
+        times["prepare"] += t1 - t0
+        times["unmap"] += t2 - t1
+        times["move"] += t3 - t2
+        times["copy"] += t4 - t3
+        times["finalize"] += t5 - t4
+        again = b.rc == -errno.EAGAIN
+        done = ~again
+        out_h.append(b.src[done])
+        out_rc.append(b.rc[done])
+        split.extend(b.split)
+        retry = b.src[again]
+        _event(m, "batch_end", target=target, heads=b.src, rc=b.rc)
+    if len(retry):
+        out_h.append(retry)
+        out_rc.append(np.full(len(retry), -errno.EAGAIN, np.int32))
+    return (np.concatenate(out_h) if out_h else np.empty(0, np.int64),
+            np.concatenate(out_rc) if out_rc else np.empty(0, np.int32),
+            np.concatenate(split) if split else np.empty(0, np.int64))
+
+
+# --------------------------------------------------------------------------- entry
+def folio_isolate_lru(m, heads) -> None:
+    """Take folios off the LRU for migration: PG_isolated and a reference each."""
+    mm = m.mem_map
+    mm.flags[heads] |= PG_isolated
+    mm.refcount[heads] += 1
+
+
+def putback_movable_folios(m, heads) -> None:
+    """Folios that were not migrated go back: isolation reference dropped (freed if it
+    was the last, e.g. the range was unmapped meanwhile)."""
+    if not len(heads):
+        return
+    mm = m.mem_map
+    mm.flags[heads] &= ~PG_isolated
+    mm.refcount[heads] -= 1
+    m.free_folios(heads[mm.refcount[heads] == 0])
+
+
+def migrate_pages_sync(m, heads, target, mode):
+    """migrate_pages_sync: batched MIGRATE_ASYNC passes first, then the folios still
+    busy one at a time in ``mode``."""
+    h, rc, split = migrate_pages_batch(m, heads, target, MIGRATE_ASYNC, NR_MAX_MIGRATE_ASYNC_RETRY)
+    busy = rc == -errno.EAGAIN
+    if not busy.any():
+        return h, rc, split
+    outs_h, outs_rc, splits = [h[~busy]], [rc[~busy]], [split]
+    for f in h[busy].tolist():
+        h1, rc1, s1 = migrate_pages_batch(m, [f], target, mode, NR_MAX_MIGRATE_SYNC_RETRY)
+        outs_h.append(h1)
+        outs_rc.append(rc1)
+        splits.append(s1)
+    return np.concatenate(outs_h), np.concatenate(outs_rc), np.concatenate(splits)
+
+
+def migrate_pages(m, heads, target, mode=None):
+    """migrate_pages(): migrate isolated folios to ``target`` in batches of at most
+    ``nr_max_batched_migration`` base pages. Returns (heads, rc): one outcome per folio
+    and per piece of a split folio (0 migrated, SPLIT, or -errno; -EBUSY for folios
+    still busy after every retry). Folios not migrated are put back; vmstat is counted."""
+    mode = mode or m.settings["migrate_mode"]
+    heads = np.asarray(heads, np.int64)
+    mm = m.mem_map
+    limit = m.settings["nr_max_batched_migration"]
+    orders = mm.order[heads].astype(np.int64)
+    ends = np.cumsum(np.left_shift(1, orders))
+    res_h, res_rc, res_piece = [], [], []
+    start = 0
+    while start < len(heads):
+        base = ends[start - 1] if start else 0
+        stop = max(int(np.searchsorted(ends, base + limit, side="right")), start + 1)
+        batch = heads[start:stop]
+        if mode == MIGRATE_ASYNC:
+            h, rc, split = migrate_pages_batch(m, batch, target, mode, NR_MAX_MIGRATE_PAGES_RETRY)
+        else:
+            h, rc, split = migrate_pages_sync(m, batch, target, mode)
+        res_h.append(h)
+        res_rc.append(rc)
+        res_piece.append(np.zeros(len(h), bool))
+        if len(split):  # the pieces of split folios, as base pages, without splitting again
+            h2, rc2, _ = migrate_pages_batch(m, split, target, MIGRATE_ASYNC,
+                                             NR_MAX_MIGRATE_PAGES_RETRY, nosplit=True)
+            res_h.append(h2)
+            res_rc.append(rc2)
+            res_piece.append(np.ones(len(h2), bool))
+        start = stop
+    if not res_h:
+        return MigrateResult(np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, bool))
+    h, rc, piece = np.concatenate(res_h), np.concatenate(res_rc), np.concatenate(res_piece)
+    rc[rc == -errno.EAGAIN] = -errno.EBUSY
+    # Count by the folio sizes the caller queued (a split folio counts once, as failed).
+    o = np.zeros(len(h), np.int64)
+    if orders.any():
+        order_of = dict(zip(heads.tolist(), orders.tolist()))
+        whole = np.nonzero(~piece)[0]
+        o[whole] = [order_of[x] for x in h[whole].tolist()]
+    nr = np.left_shift(1, o)
+    thp = o == m.max_order
+    ok, split_, fail = rc == 0, rc == SPLIT, (rc != 0) & (rc != SPLIT)
+    m.count("pgmigrate_success", int(nr[ok].sum()))
+    m.count("pgmigrate_fail", int(nr[fail].sum()))
+    m.count("thp_migration_success", int((thp & ok).sum()))
+    m.count("thp_migration_fail", int((thp & (fail | split_)).sum()))
+    m.count("thp_migration_split", int((thp & split_).sum()))
+    putback_movable_folios(m, h[fail])
+    for code in np.unique(rc[fail]).tolist():
+        _event(m, "folio_fail", rc=int(code), heads=h[fail][rc[fail] == code])
+    return MigrateResult(h, rc, piece)
+
+
+@dataclass
+class MigrateResult:
+    """Outcome of migrate_pages(): per folio queued (``piece`` False) and per page of a
+    folio that was split on the way (``piece`` True): 0, SPLIT or -errno."""
+    heads: np.ndarray
+    rc: np.ndarray
+    piece: np.ndarray
+
+    def status_of(self, heads, pfns):
+        """The outcome for entries that queued ``heads`` through the page ``pfns``."""
+        whole = ~self.piece
+        hs, rcs = self.heads[whole], self.rc[whole]
+        order = np.argsort(hs, kind="stable")
+        res = rcs[order][np.searchsorted(hs[order], heads)]
+        split = res == SPLIT
+        if split.any():
+            ph, prc = self.heads[self.piece], self.rc[self.piece]
+            order = np.argsort(ph, kind="stable")
+            res[split] = prc[order][np.searchsorted(ph[order], pfns[split])]
+        return res

@@ -1,0 +1,349 @@
+"""move_pages(2) (mm/migrate.c) and migrate_pages(2) (mm/mempolicy.c).
+
+Addresses are looked up a run at a time with array operations (vma_lookup, the PTE,
+the folio, its node) and then walked in order, as do_pages_move does: consecutive entries
+for the same node are queued and flushed when the node changes or an entry is not queued.
+"""
+from __future__ import annotations
+
+import errno
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import oserror
+from ..mm.memmap import PG_isolated
+from ..mm.process import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL
+from ..mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
+from .core import folio_isolate_lru, migrate_pages as migrate_folios
+
+QUEUE = 1 << 30  # classification: the folio can be queued for migration
+
+
+@dataclass
+class MovePagesResult:
+    """What move_pages(2) gives back: ``ret`` and one ``status`` per address."""
+    ret: int
+    status: list
+
+    def __iter__(self):  # r.ret, r.status = ...; also ret, status = r
+        return iter((self.ret, self.status))
+
+
+# --------------------------------------------------------------------------- checks
+def _int(v, what):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{what} must be an int, not {type(v).__name__}")
+    return int(v)
+
+
+def _int_array(values, what):
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{what} must be a sequence of ints, not {type(values).__name__}")
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind not in "iu":
+            raise TypeError(f"{what} must hold ints, not {values.dtype}")
+        return values.astype(np.int64).ravel()
+    lst = list(values)
+    for v in lst:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{what} holds {v!r}, not an int")
+    try:
+        return np.array(lst, dtype=np.int64)
+    except OverflowError:
+        raise oserror(errno.EFAULT, f"{what} holds a value outside the address space") from None
+
+
+def find_mm_struct(caller, pid):
+    """find_mm_struct / ptrace_may_access: ESRCH for no such process, EPERM for another
+    user's process without cap_sys_nice (uid 0 alone grants nothing here)."""
+    pid = _int(pid, "pid")
+    m = caller.machine
+    target = caller if pid == 0 else m.processes.get(pid)
+    if target is None or not target.alive:
+        raise oserror(errno.ESRCH, f"no process with pid {pid}")
+    if target is not caller and target.uid != caller.uid and not caller.cap_sys_nice:
+        raise oserror(errno.EPERM, f"process {caller.pid} may not act on process {pid}")
+    return target
+
+
+# --------------------------------------------------------------------------- lookup
+def lookup_pages(target, addrs, node, migrate_all):
+    """add_page_for_migration's checks for many addresses at once. Returns (code, head,
+    pfn): code is QUEUE, the node the page already sits on, or -errno."""
+    m = target.machine
+    mm = m.mem_map
+    n = len(addrs)
+    code = np.full(n, -errno.EFAULT, np.int64)
+    pfn = np.full(n, -1, np.int64)
+    if not target.vmas or not n:
+        return code, pfn.copy(), pfn
+    starts = np.fromiter((v.start for v in target.vmas), np.int64, len(target.vmas))
+    ends = np.fromiter((v.end for v in target.vmas), np.int64, len(target.vmas))
+    vi = np.searchsorted(starts, addrs, side="right") - 1
+    inside = (vi >= 0) & (addrs < ends[np.maximum(vi, 0)])
+    ptes = np.zeros(n, np.uint64)
+    for k in np.unique(vi[inside]).tolist():
+        sel = np.nonzero(inside & (vi == k))[0] if len(target.vmas) > 1 else np.nonzero(inside)[0]
+        vma = target.vmas[k]
+        ptes[sel] = vma.ptes[(addrs[sel] - vma.start) >> m.page_shift]
+    present = inside & ((ptes & PTE_PRESENT) != 0)
+    code[inside] = -errno.ENOENT
+    code[inside & ((ptes & PTE_MIGRATION) != 0)] = -errno.EBUSY  # being migrated right now
+    pfn[present] = pte_pfn(ptes[present])
+    zero = present & (pfn == m.zero_pfn)
+    code[zero] = -errno.EFAULT
+    live = present & ~zero
+    idx = np.nonzero(live)[0]
+    head = np.full(n, -1, np.int64)
+    if len(idx):
+        p = pfn[idx]
+        h = mm.head[p]
+        head[idx] = h
+        nid = h // m.frames_per_node
+        c = np.full(len(idx), QUEUE, np.int64)
+        if node is not None:
+            shared = mm.mapcount[p] > 1
+            if not migrate_all:
+                c[shared] = -errno.EACCES
+            c[(mm.flags[h] & PG_isolated) != 0] = -errno.EBUSY
+            c[nid == node] = node
+        else:
+            c = nid
+        code[idx] = c
+    return code, head, pfn
+
+
+# --------------------------------------------------------------------------- move_pages
+def move_pages(caller, pid, pages, nodes=None, flags=MPOL_MF_MOVE) -> MovePagesResult:
+    """move_pages(2). With ``nodes`` None, report where each page is (query mode).
+
+    Call-level errors, in the kernel's order: EINVAL (flags), EPERM (MOVE_ALL without
+    cap_sys_nice, or another user's process), ESRCH, then per entry ENODEV / EACCES
+    (raised when that entry is reached, with ``status`` of the entries before it).
+    """
+    m = caller.machine
+    flags = _int(flags, "flags")
+    addrs = _int_array(pages, "pages")
+    nodes_arr = None if nodes is None else _int_array(nodes, "nodes")
+    if nodes_arr is not None and len(nodes_arr) != len(addrs):
+        raise oserror(errno.EINVAL, f"{len(addrs)} pages but {len(nodes_arr)} nodes")
+    if flags & ~(MPOL_MF_MOVE | MPOL_MF_MOVE_ALL):
+        raise oserror(errno.EINVAL, f"flags {flags:#x}: only MPOL_MF_MOVE and MPOL_MF_MOVE_ALL")
+    if flags & MPOL_MF_MOVE_ALL and not caller.cap_sys_nice:
+        raise oserror(errno.EPERM, "MPOL_MF_MOVE_ALL needs cap_sys_nice")
+    with m.lock:
+        caller._enter()
+        target = find_mm_struct(caller, pid)
+        addrs = addrs & ~np.int64(m.page_size - 1)
+        if nodes_arr is None:
+            return MovePagesResult(0, do_pages_stat(target, addrs))
+        return do_pages_move(target, addrs, nodes_arr, bool(flags & MPOL_MF_MOVE_ALL))
+
+
+def do_pages_stat(target, addrs) -> list:
+    """Query mode: the node of each page, -ENOENT never touched, -EFAULT unmapped or the
+    zero page. Pages under migration are waited for (bounded)."""
+    from ..mm.process import _Seg
+    m = target.machine
+
+    def resolve():
+        segs = []
+        for a in np.unique(addrs).tolist():
+            vma = target.find_vma(a)
+            if vma is not None:
+                i = (a - vma.start) >> m.page_shift
+                segs.append(_Seg(vma, i, i + 1))
+        return segs
+
+    target._wait_migration(resolve)
+    code, _, _ = lookup_pages(target, addrs, None, False)
+    return code.tolist()
+
+
+class _Pending:
+    """Entries queued for the current node (the kernel's pagelist and start index)."""
+
+    def __init__(self):
+        self.entries, self.heads, self.pfns = [], [], []
+
+    def add(self, entries, heads, pfns):
+        self.entries.append(entries)
+        self.heads.append(heads)
+        self.pfns.append(pfns)
+
+    def __bool__(self):
+        return bool(self.entries)
+
+
+def do_pages_move(target, addrs, nodes, migrate_all) -> MovePagesResult:
+    m = target.machine
+    n = len(addrs)
+    status = np.zeros(n, np.int64)
+    reached = np.zeros(n, bool)
+    failed = 0
+    pending = _Pending()
+    current = None
+
+    def flush():
+        """move_pages_and_store_status: migrate the queue, one status per entry."""
+        nonlocal failed, pending
+        if not pending:
+            return False
+        entries = np.concatenate(pending.entries)
+        heads = np.concatenate(pending.heads)
+        pfns = np.concatenate(pending.pfns)
+        pending = _Pending()
+        res = migrate_folios(m, heads, current).status_of(heads, pfns)
+        st = np.where(res == 0, current, res)
+        status[entries] = st
+        failed += int((res != 0).sum())
+        return True
+
+    runs = np.concatenate(([0], np.nonzero(np.diff(nodes))[0] + 1, [n]))
+    try:
+        for r in range(len(runs) - 1):
+            i, j = int(runs[r]), int(runs[r + 1])
+            node = int(nodes[i])
+            if not 0 <= node < m.nodes:
+                raise _Stop(errno.ENODEV, f"node {node} does not exist (entry {i})")
+            if node not in target.mems_allowed:
+                raise _Stop(errno.EACCES, f"node {node} is outside the process's cpuset (entry {i})")
+            if current is not None and node != current:
+                flush()
+            current = node
+            pos = i
+            while pos < j:
+                base = pos
+                code, head, pfn = lookup_pages(target, addrs[base:j], node, migrate_all)
+                while pos < j:
+                    off = pos - base
+                    c, h = code[off:], head[off:]
+                    q = c == QUEUE
+                    dup = np.zeros(len(c), bool)
+                    if q.any():  # a folio already queued: isolation fails, -EBUSY
+                        qi = np.nonzero(q)[0]
+                        _, first = np.unique(h[qi], return_index=True)
+                        d = np.ones(len(qi), bool)
+                        d[first] = False
+                        dup[qi[d]] = True
+                    stop = np.nonzero(~q | dup)[0]
+                    k = int(stop[0]) if len(stop) else len(c)
+                    if k:
+                        folio_isolate_lru(m, h[:k])
+                        pending.add(np.arange(pos, pos + k), h[:k].copy(), pfn[off:off + k].copy())
+                        reached[pos:pos + k] = True
+                    if k == len(c):
+                        pos = j
+                        break
+                    e = pos + k
+                    status[e] = -errno.EBUSY if dup[k] else c[k]
+                    reached[e] = True
+                    pos = e + 1
+                    if flush():
+                        break  # folios moved: look the rest of the run up again
+        flush()
+    except _Stop as stop:
+        flush()
+        st = [int(s) if r_ else None for s, r_ in zip(status.tolist(), reached.tolist())]
+        err = oserror(stop.errno, stop.detail)
+        err.status = st
+        raise err from None
+    return MovePagesResult(failed, status.tolist())
+
+
+class _Stop(Exception):
+    def __init__(self, code, detail):
+        super().__init__(detail)
+        self.errno, self.detail = code, detail
+
+
+# --------------------------------------------------------------------------- migrate_pages
+def node_remap(s, old, new):
+    """node_remap: the node of ``new`` at the position ``s`` has in ``old`` (mod weight)."""
+    new = sorted(new)
+    if not new:
+        return s
+    return new[sorted(old).index(s) % len(new)]
+
+
+def migrate_pages(caller, pid, old_nodes, new_nodes) -> int:
+    """migrate_pages(2): move every page of process ``pid`` on ``old_nodes`` to
+    ``new_nodes`` (do_migrate_pages' pairing). Returns the folios not migrated."""
+    m = caller.machine
+    old = _node_mask(m, old_nodes, "old_nodes")
+    new = _node_mask(m, new_nodes, "new_nodes")
+    with m.lock:
+        caller._enter()
+        target = find_mm_struct(caller, pid)
+        if not new <= target.mems_allowed and not caller.cap_sys_nice:
+            raise oserror(errno.EPERM, "new_nodes outside the target's cpuset need cap_sys_nice")
+        new = new & caller.mems_allowed
+        if not new:
+            return 0
+        return do_migrate_pages(target, old, new, caller.cap_sys_nice)
+
+
+def _node_mask(m, nodes, what):
+    if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
+        raise TypeError(f"{what} must be an iterable of ints, not {type(nodes).__name__}")
+    out = set()
+    for n in nodes:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"{what} holds {n!r}, not an int")
+        if not 0 <= n < m.nodes:
+            raise oserror(errno.EINVAL, f"{what} names node {n}; nodes are 0..{m.nodes - 1}")
+        out.add(int(n))
+    return frozenset(out)
+
+
+def do_migrate_pages(target, old, new, move_all) -> int:
+    """do_migrate_pages: pick <source, dest> pairs so that a destination is, if
+    possible, not itself still a source; migrate each source node's pages."""
+    nr_failed = 0
+    tmp = set(old)
+    while tmp:
+        source = dest = None
+        for s in sorted(tmp):
+            if len(old) != len(new) and s in new:
+                continue
+            d = node_remap(s, old, new)
+            if s == d:
+                continue
+            source, dest = s, d
+            if dest not in tmp:
+                break
+        if source is None:
+            break
+        tmp.discard(source)
+        nr_failed += migrate_to_node(target, source, dest, move_all)
+    return nr_failed
+
+
+def migrate_to_node(target, source, dest, move_all) -> int:
+    """queue_pages_range over the whole address space for folios on ``source`` (shared
+    ones skipped silently unless MOVE_ALL), then migrate them. Returns folios failed."""
+    m = target.machine
+    mm = m.mem_map
+    heads = []
+    for vma in target.vmas:
+        idx = np.nonzero((vma.ptes & PTE_PRESENT) != 0)[0]
+        p = pte_pfn(vma.ptes[idx])
+        p = p[(p != m.zero_pfn) & (p // m.frames_per_node == source)]
+        if not move_all:
+            p = p[mm.mapcount[p] <= 1]
+        heads.append(mm.head[p])
+    if not heads:
+        return 0
+    h = np.concatenate(heads)
+    _, first = np.unique(h, return_index=True)
+    h = h[np.sort(first)]
+    busy = (mm.flags[h] & PG_isolated) != 0
+    h = h[~busy]
+    if not len(h):
+        return int(busy.sum())
+    folio_isolate_lru(m, h)
+    res = migrate_folios(m, h, dest, m.settings["migrate_mode"])
+    # a split folio counts once, as failed; its pieces' own failures are not counted
+    return int(busy.sum()) + int(((~res.piece) & (res.rc != 0)).sum())

@@ -10,8 +10,9 @@ import numpy as np
 
 from .errors import EngineUnavailable, oserror
 from .mm.buddy import BuddyAllocator
-from .mm.memmap import (OWNER_ZERO_PAGE, PG_allocated, PG_head, PG_hwpoison, PG_nonzero,
-                        PG_reserved, MemMap)
+from .mm.folio_ops import free_folios
+from .mm.memmap import MemMap
+from .mm.pageflags import OWNER_ZERO_PAGE, PG_allocated, PG_hwpoison, PG_reserved
 from .mm.physmem import PhysMem
 from .plugins import engine_registry, get_plugin_manager
 from .settings import Settings
@@ -149,31 +150,17 @@ class Machine:
         are kept out for good; the rest of a poisoned folio is freed page by page.
         ``undo``: the folios were allocated by a call that is failing as a whole (all or
         nothing), so the allocation is taken back from pgalloc instead of counted in pgfree."""
-        heads = np.asarray(heads, dtype=np.int64)
+        heads = np.ascontiguousarray(heads, dtype=np.int64)
         if not len(heads):
             return
-        mm = self.mem_map
-        orders = mm.order[heads]
-        pages = mm.folio_pages(heads, orders)
-        flags = mm.flags[pages]
-        assert not (flags & PG_reserved).any(), "freeing a reserved frame"
-        assert (flags & PG_allocated).all(), "freeing a frame that is already free (double free)"
-        mm.flags[pages] = flags & (PG_nonzero | PG_hwpoison)
-        mm.refcount[heads] = 0
-        mm.pincount[heads] = 0
-        mm.mapcount[pages] = 0
-        mm.owner[pages] = 0
-        self._vmstat["pgalloc" if undo else "pgfree"] += -len(pages) if undo else len(pages)
-        poisoned = (flags & PG_hwpoison) != 0
-        if poisoned.any():
-            # A folio with a poisoned page: its clean pages go back one by one (they merge).
-            folio_of_page = np.repeat(np.arange(len(heads)), np.left_shift(1, orders.astype(np.int64)))
-            bad = np.zeros(len(heads), bool)
-            bad[folio_of_page[poisoned]] = True
-            self.buddy.free(pages[bad[folio_of_page] & ~poisoned], 0)
-            heads, orders = heads[~bad], orders[~bad]
-        for o in np.unique(orders):
-            self.buddy.free(heads[orders == o], int(o))
+        b = self.buddy
+        freed = free_folios(heads, *self.mem_map.arrays(), b.frames_per_node, b.max_order, *b.lists())
+        if freed < 0:
+            raise AssertionError("freeing a reserved frame or one that is already free (double free)")
+        if undo:
+            self._vmstat["pgalloc"] -= int(freed)
+        else:
+            self._vmstat["pgfree"] += int(freed)
 
     def hwpoison(self, pfn) -> None:
         """Mark a frame hardware-poisoned (memory_failure). A free frame is taken out of

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engines.base import CopyJob, folio_mc_copy
-from ..errors import EHWPOISON
-from ..mm.memmap import PG_anon, PG_head, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
-from ..mm.pte import PTE_MIGRATION, PTE_PRESENT, PTE_WRITE, mk_pte, pte_pfn
+from ..mm.pageflags import PG_anon, PG_head, PG_isolated, PG_locked, PG_swapbacked
+from . import kernels
 
 MIGRATE_ASYNC, MIGRATE_SYNC_LIGHT, MIGRATE_SYNC = "async", "sync_light", "sync"
 NR_MAX_MIGRATE_PAGES_RETRY = 10
@@ -54,15 +53,15 @@ class MigrationBatch:
     """One batch in flight: per-folio arrays, and the migration entries it installed.
 
     ``entries`` holds, per VMA the rmap walk found, the page indices, source pfns, batch
-    folio index and write bit of each PTE replaced by a migration entry: the state the
-    kernel keeps in ``src->private`` between unmap and finalize.
+    folio index and write bit of each PTE replaced by a migration entry (and how many are
+    live): the state the kernel keeps in ``src->private`` between unmap and finalize.
     """
 
     def __init__(self, m, src, target):
         mm = m.mem_map
         self.m = m
         self.target = target
-        self.src = np.asarray(src, np.int64)
+        self.src = np.ascontiguousarray(src, np.int64)
         self.order = mm.order[self.src].astype(np.int64)
         self.nr = np.left_shift(1, self.order)
         n = len(self.src)
@@ -70,8 +69,8 @@ class MigrationBatch:
         self.rc = np.zeros(n, np.int32)
         self.copied = np.zeros(n, bool)
         self.moved = np.zeros(n, bool)
-        self.entries = []
-        self.split = []  # heads of large folios split for want of memory
+        self.entries = []  # [vma, ev, ep, ef, ew, n]
+        self.split = []    # pages of large folios split for want of memory
 
     def __len__(self):
         return len(self.src)
@@ -91,22 +90,54 @@ def _unlocked(m):
         m.lock.acquire()
 
 
+def _only_builtin(hook) -> bool:
+    """True when the built-in ``core`` plugin alone implements a hook: the call can then
+    go straight to it (same result, without pluggy's dispatch on the hot path)."""
+    impls = hook.get_hookimpls()
+    return len(impls) == 1 and impls[0].plugin_name == "core"
+
+
+class Dispatch:
+    """How one migrate_pages() call reaches the plugins, looked up once per call: the
+    engine, and which hooks have implementations beyond the built-in ones."""
+
+    __slots__ = ("engine", "direct_alloc", "direct_copy", "select", "events")
+
+    def __init__(self, m):
+        hook = m.pm.hook
+        self.engine = m.engine
+        self.direct_alloc = _only_builtin(hook.copyengine_alloc_frames)
+        self.direct_copy = _only_builtin(hook.copyengine_batch_copy)
+        self.select = bool(hook.copyengine_select_engine.get_hookimpls())
+        self.events = bool(hook.copyengine_migration_event.get_hookimpls())
+
+
 def _event(m, event, **info):
-    m.pm.hook.copyengine_migration_event(machine=m, event=event, info=info)
+    hook = m.pm.hook.copyengine_migration_event
+    if hook.get_hookimpls():
+        hook(machine=m, event=event, info=info)
 
 
 # --------------------------------------------------------------------------- phases
-def migrate_folios_prepare(b: MigrationBatch, nosplit: bool) -> None:
-    """get_new_folio for every folio: destinations on the target node, one bulk
+def migrate_folios_prepare(b: MigrationBatch, nosplit: bool, direct_alloc: bool = False) -> None:
+    """get_new_folio for every folio: locked destinations on the target node, one bulk
     allocation per order. Without memory a large anonymous folio is split (its pages
     are migrated on their own, try_split_folio); anything else fails with -ENOMEM."""
     m = b.m
     mm = m.mem_map
-    for o in np.unique(b.order).tolist():
-        sel = np.nonzero(b.order == o)[0]
-        got = m.alloc_folios_upto(b.target, o, len(sel))
+    orders = np.unique(b.order) if b.order.any() else (0,)
+    for o in orders:
+        o = int(o)
+        sel = np.nonzero(b.order == o)[0] if len(orders) > 1 else np.arange(len(b))
+        if direct_alloc:
+            got = m.buddy.alloc(b.target, o, len(sel))
+        else:
+            got = m.pm.hook.copyengine_alloc_frames(machine=m, node=b.target, order=o, count=len(sel))
+            got = np.ascontiguousarray(got if got is not None else [], np.int64)[:len(sel)]
+        if len(got):
+            mm.prep_new_folios(got, o, PG_locked)
+            m.count("pgalloc", len(got) << o)
         b.dst[sel[:len(got)]] = got
-        mm.flags[got] |= PG_locked
         short = sel[len(got):]
         if not len(short):
             continue
@@ -136,105 +167,51 @@ def split_folio_isolated(m, h):
 
 def migrate_folio_unmap(b: MigrationBatch) -> None:
     """Lock each source, replace its PTEs in every process with migration entries
-    (try_to_migrate over the rmap), drop their references, and check that nothing else
-    holds one: a pinned folio gets -EAGAIN and its PTEs back."""
+    (try_to_migrate over the rmap: every VMA of the folio's anon_vma or shmem object),
+    drop their references, and check that nothing else holds one: a pinned folio gets
+    -EAGAIN and its PTEs back."""
     m = b.m
     mm = m.mem_map
     sel = np.nonzero((b.rc == 0) & (b.dst >= 0))[0]
     if not len(sel):
         return
     src = b.src[sel]
-    mm.flags[src] |= PG_locked
-    if len(sel) == len(b) and not b.order.any():
-        pages, fidx = src, sel
-    else:
-        pages = b.pages(b.src, sel)
-        fidx = np.repeat(sel, b.nr[sel])
-    owners = mm.owner[pages]
+    owners = mm.owner[src]
     uniq = owners[:1] if (owners == owners[0]).all() else np.unique(owners)
+    npages = int(b.nr[sel].sum())
     for oid in uniq.tolist():
         obj = m.objects.get(oid)
         if obj is None:
             continue
-        if len(uniq) > 1:
-            mine = owners == oid
-            pg, fi = pages[mine], fidx[mine]
-        else:
-            pg, fi = pages, fidx
-        index = mm.index[pg]
         for vma in obj.vmas:
-            vidx = index - vma.pgoff
-            ok = (vidx >= 0) & (vidx < vma.npages)
-            if not ok.all():
-                if not ok.any():
-                    continue
-                v, p, f = vidx[ok], pg[ok], fi[ok]
-            else:
-                v, p, f = vidx, pg, fi
-            pt = vma.ptes[v]
-            hit = ((pt & PTE_PRESENT) != 0) & (pte_pfn(pt) == p)
-            if not hit.all():
-                v, p, f, pt = v[hit], p[hit], f[hit], pt[hit]
-                if not len(v):
-                    continue
-            wbit = pt & PTE_WRITE
-            vma.ptes[v] = mk_pte(p, PTE_MIGRATION) | wbit
-            b.entries.append((vma, v, p, f, wbit))
-    _drop_mappings(b, +1)
-    # folio_expected_refs: the isolation reference, plus the page cache's for shmem
-    expected = 1 + ((mm.flags[src] & PG_swapbacked) != 0)
-    busy = mm.refcount[src] != expected
-    if busy.any():
-        bad = sel[busy]
-        b.rc[bad] = -errno.EAGAIN
+            ev = np.empty(npages, np.int64)
+            ep = np.empty(npages, np.int64)
+            ef = np.empty(npages, np.int64)
+            ew = np.empty(npages, np.uint64)
+            n = kernels.unmap_vma(sel, b.src, b.nr, oid, mm.owner, mm.index, vma.pgoff, vma.ptes,
+                                  mm.flags, mm.mapcount, mm.refcount, ev, ep, ef, ew)
+            if n:
+                b.entries.append([vma, ev, ep, ef, ew, n])
+    mm.flags[src] |= PG_locked  # also folios no PTE maps any more
+    if kernels.ref_check(sel, b.src, mm.flags, mm.refcount, b.rc):
+        bad = sel[b.rc[sel] == -errno.EAGAIN]
         _restore_ptes(b, bad, to_src=True)
-        mm.flags[b.src[bad]] &= ~PG_locked
-
-
-def _drop_mappings(b, sign):
-    """Map counts and references of the PTEs in ``b.entries``: removed (+1) or given back (-1)."""
-    mm = b.m.mem_map
-    if not b.entries:
-        return
-    if len(b.entries) == 1:
-        p, f = b.entries[0][2], b.entries[0][3]
-        mm.mapcount[p] -= sign
-    else:
-        p = np.concatenate([e[2] for e in b.entries])
-        f = np.concatenate([e[3] for e in b.entries])
-        np.subtract.at(mm.mapcount, p, sign)
-    per_folio = np.bincount(f, minlength=len(b))
-    mm.refcount[b.src] -= sign * per_folio.astype(np.int32)
+        kernels.unlock(bad, b.src, mm.flags)
 
 
 def _restore_ptes(b, folios, to_src):
     """remove_migration_ptes for ``folios``: their entries point at the source (undo) or
     the destination (success) again, with map counts and references."""
+    if not len(folios) or not b.entries:
+        return
     mm = b.m.mem_map
-    want = np.zeros(len(b), bool)
+    want = np.zeros(len(b), np.bool_)
     want[folios] = True
-    keep = []
-    counts = np.zeros(len(b), np.int64)
-    several = len(b.entries) > 1  # a page may then appear in more than one VMA
-    for vma, v, p, f, wbit in b.entries:
-        w = want[f]
-        if not w.any():
-            keep.append((vma, v, p, f, wbit))
-            continue
-        if not w.all():
-            keep.append((vma, v[~w], p[~w], f[~w], wbit[~w]))
-            v, p, f, wbit = v[w], p[w], f[w], wbit[w]
-        newp = p if to_src else b.dst[f] + (p - b.src[f])
-        vma.ptes[v] = mk_pte(newp, PTE_PRESENT) | wbit
-        if several:
-            np.add.at(mm.mapcount, newp, 1)
-        else:
-            mm.mapcount[newp] += 1
-        counts += np.bincount(f, minlength=len(b))
-    heads = b.src if to_src else b.dst
-    sel = np.nonzero(counts)[0]
-    mm.refcount[heads[sel]] += counts[sel].astype(np.int32)
-    b.entries = keep
+    for e in b.entries:
+        vma, ev, ep, ef, ew, n = e
+        e[5] = kernels.restore_vma(ev, ep, ef, ew, n, want, not to_src, b.src, b.dst, vma.ptes,
+                                   mm.mapcount, mm.refcount)
+    b.entries = [e for e in b.entries if e[5]]
 
 
 def migrate_folios_batch_move(b: MigrationBatch, sel) -> None:
@@ -245,39 +222,29 @@ def migrate_folios_batch_move(b: MigrationBatch, sel) -> None:
     mm = m.mem_map
     if not len(sel):
         return
-    if not b.order[sel].any():
-        sp, dp = b.src[sel], b.dst[sel]
-    else:
-        sp, dp = b.pages(b.src, sel), b.pages(b.dst, sel)
-    mm.owner[dp] = mm.owner[sp]
-    mm.index[dp] = mm.index[sp]
-    mm.flags[dp] |= mm.flags[sp] & (PG_anon | PG_swapbacked)
-    shmem = (mm.flags[b.src[sel]] & PG_swapbacked) != 0
-    mm.refcount[b.dst[sel]] = 1 + shmem
-    if shmem.any():
-        sh = sel[shmem]
-        mm.refcount[b.src[sh]] -= 1
-        spages, dpages = b.pages(b.src, sh), b.pages(b.dst, sh)
-        for oid in np.unique(mm.owner[spages]).tolist():
-            obj = m.objects[oid]
-            mine = mm.owner[spages] == oid
-            obj.cache[mm.index[spages[mine]]] = dpages[mine]
-    b.moved[sel] = True
+    if kernels.batch_move(sel, b.src, b.dst, b.nr, mm.flags, mm.owner, mm.index, mm.refcount, b.moved):
+        sh = sel[(mm.flags[b.src[sel]] & PG_swapbacked) != 0]
+        _set_cache(m, b.pages(b.src, sh), b.pages(b.dst, sh))
+
+
+def _set_cache(m, old_pages, new_pages):
+    """Point the page-cache slots of ``old_pages`` at ``new_pages`` (shmem objects)."""
+    mm = m.mem_map
+    owners = mm.owner[old_pages]
+    for oid in np.unique(owners).tolist():
+        obj = m.objects.get(oid)
+        if obj is not None:
+            mine = owners == oid
+            obj.cache[mm.index[old_pages[mine]]] = new_pages[mine]
 
 
 def _undo_move(b, sel):
     """Give a moved folio's page-cache slot back to its source (undo of batch move)."""
-    m = b.m
-    mm = m.mem_map
+    mm = b.m.mem_map
     shmem = sel[(mm.flags[b.src[sel]] & PG_swapbacked) != 0]
     if len(shmem):
         spages = b.pages(b.src, shmem)
-        for oid in np.unique(mm.owner[spages]).tolist():
-            obj = m.objects.get(oid)
-            if obj is None:
-                continue
-            mine = mm.owner[spages] == oid
-            obj.cache[mm.index[spages[mine]]] = spages[mine]
+        _set_cache(b.m, spages, spages)
         mm.refcount[b.src[shmem]] += 1
     b.moved[sel] = False
 
@@ -288,16 +255,12 @@ def build_copy_job(b: MigrationBatch, sel) -> CopyJob:
     mm = m.mem_map
     ps = m.page_size
     src, dst, nr = b.src[sel], b.dst[sel], b.nr[sel]
-    if not b.order[sel].any():
-        poisoned = (mm.flags[src] & PG_hwpoison) != 0
-    else:
-        pages = b.pages(b.src, sel)
-        bad = (mm.flags[pages] & PG_hwpoison) != 0
-        poisoned = np.logical_or.reduceat(bad, np.concatenate(([0], np.cumsum(nr)[:-1])))
+    poisoned = np.empty(len(sel), np.bool_)
+    kernels.folios_poisoned(sel, b.src, b.nr, mm.flags, poisoned)
     return CopyJob(m.mem, src * ps, dst * ps, nr * ps, np.arange(len(sel), dtype=np.int64), poisoned)
 
 
-def migrate_folios_batch_copy(b: MigrationBatch, sel, engine) -> None:
+def migrate_folios_batch_copy(b: MigrationBatch, sel, engine, dispatch=None) -> None:
     """Copy the data of every folio in ``sel`` with one call through the copy hook, then
     folio_mc_copy each folio the engine did not report copied. Runs without the machine
     lock: accesses to these folios wait on their migration entries meanwhile."""
@@ -305,10 +268,17 @@ def migrate_folios_batch_copy(b: MigrationBatch, sel, engine) -> None:
     if not len(sel):
         return
     job = build_copy_job(b, sel)
-    info = BatchInfo(len(sel), job.total_bytes, b.order[sel], m.page_size, b.target)
-    chosen = m.pm.hook.copyengine_select_engine(machine=m, batch=info, engine=engine) or engine
+    hook = m.pm.hook
+    d = dispatch or Dispatch(m)
+    chosen = engine
+    if d.select:
+        info = BatchInfo(len(sel), job.total_bytes, b.order[sel], m.page_size, b.target)
+        chosen = hook.copyengine_select_engine(machine=m, batch=info, engine=engine) or engine
     try:
-        res = m.pm.hook.copyengine_batch_copy(machine=m, engine=chosen, job=job)
+        if d.direct_copy and not chosen.capabilities.asynchronous:
+            res = chosen.copy(job)
+        else:
+            res = hook.copyengine_batch_copy(machine=m, engine=chosen, job=job)
         res = np.asarray(res)
         if res.shape != (len(sel),) or res.dtype.kind not in "iu":
             raise TypeError(f"engine {chosen.name} returned {res.dtype}{res.shape}, "
@@ -322,8 +292,9 @@ def migrate_folios_batch_copy(b: MigrationBatch, sel, engine) -> None:
         res[redo] = folio_mc_copy(job, redo)
     b.rc[sel] = res
     b.copied[sel] = res == 0
-    _event(m, "batch_copy", engine=chosen.name, folios=len(sel), bytes=job.total_bytes,
-           fallback=len(redo))
+    if d.events:
+        _event(m, "batch_copy", engine=chosen.name, folios=len(sel), bytes=job.total_bytes,
+               fallback=len(redo))
 
 
 def migrate_folios_finalize(b: MigrationBatch) -> None:
@@ -333,51 +304,42 @@ def migrate_folios_finalize(b: MigrationBatch) -> None:
     m = b.m
     mm = m.mem_map
     ok = np.nonzero(b.copied)[0]
-    undo = np.nonzero(b.moved & ~b.copied | (~b.moved & (b.dst >= 0)))[0]
+    undo = np.nonzero(~b.copied & (b.dst >= 0))[0]
     if len(ok):
-        dst = b.dst[ok]
-        if not b.order[ok].any():
-            dp = dst
-        else:
-            dp = b.pages(b.dst, ok)
-        mm.flags[dp] |= PG_nonzero
-        mm.mapcount[dp] = 0
-        mm.refcount[dst] -= 1  # the allocation reference; PTEs and page cache hold the rest
         _restore_ptes(b, ok, to_src=False)
-        mm.flags[dst] &= ~PG_locked
-        src = b.src[ok]
-        mm.flags[src] &= ~(PG_locked | PG_isolated)
-        mm.refcount[src] -= 1  # the isolation reference: the last one
-        m.free_folios(src)
-        unused = dst[mm.refcount[dst] == 0]  # a page no PTE mapped (a split folio's hole)
+        kernels.finalize_done(ok, b.src, b.dst, b.nr, mm.flags, mm.refcount)
+        m.free_folios(b.src[ok])
+        dst = b.dst[ok]
+        unused = dst[mm.refcount[dst] == 0]  # no PTE mapped it (a split folio's hole, unmapped)
         if len(unused):
             m.free_folios(unused)
     if len(undo):
         _undo_move(b, undo[b.moved[undo]])
         _restore_ptes(b, undo, to_src=True)
-        mm.flags[b.src[undo]] &= ~PG_locked
+        kernels.unlock(undo, b.src, mm.flags)
         m.free_folios(b.dst[undo])
         b.dst[undo] = -1
     m.cond.notify_all()
 
 
 # --------------------------------------------------------------------------- passes
-def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, stats=None):
+def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, dispatch=None):
     """migrate_pages_batch: up to ``nr_pass`` passes over one batch; -EAGAIN folios are
-    retried. Returns (heads, rc) with one entry per folio that reached an outcome,
-    rc 0 for migrated, SPLIT for a split large folio, else -errno."""
-    engine = m.engine
+    retried. Returns (heads, rc, split pages): one entry per folio that reached an
+    outcome, rc 0 for migrated, SPLIT for a split large folio, else -errno."""
+    d = dispatch or Dispatch(m)
+    engine = d.engine
     times = m.migrate_times
-    out_h, out_rc = [], []
+    out_h, out_rc, split = [], [], []
     retry = np.asarray(heads, np.int64)
-    split = []
     for _ in range(nr_pass):
         if not len(retry):
             break
         b = MigrationBatch(m, retry, target)
-        _event(m, "batch_start", target=target, folios=len(b), mode=mode)
+        if d.events:
+            _event(m, "batch_start", target=target, folios=len(b), mode=mode)
         t0 = time.perf_counter()
-        migrate_folios_prepare(b, nosplit)
+        migrate_folios_prepare(b, nosplit, d.direct_alloc)
         t1 = time.perf_counter()
         migrate_folio_unmap(b)
         t2 = time.perf_counter()
@@ -386,15 +348,15 @@ def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, stats=No
             migrate_folios_batch_move(b, sel)
             t3 = time.perf_counter()
             with _unlocked(m):
-                migrate_folios_batch_copy(b, sel, engine)
+                migrate_folios_batch_copy(b, sel, engine, d)
             t4 = time.perf_counter()
         else:  # vanilla: each folio copied inside its own move step
             tc = 0.0
             for i in sel.tolist():
-                migrate_folios_batch_move(b, np.array([i]))
+                one = np.array([i])
+                migrate_folios_batch_move(b, one)
                 tx = time.perf_counter()
-                job = build_copy_job(b, np.array([i]))
-                b.rc[i] = folio_mc_copy(job, np.array([0]))[0]
+                b.rc[i] = folio_mc_copy(build_copy_job(b, one), np.zeros(1, np.int64))[0]
                 b.copied[i] = b.rc[i] == 0
                 tc += time.perf_counter() - tx
             t4 = time.perf_counter()
@@ -407,17 +369,22 @@ def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, stats=No
         times["copy"] += t4 - t3
         times["finalize"] += t5 - t4
         again = b.rc == -errno.EAGAIN
-        done = ~again
-        out_h.append(b.src[done])
-        out_rc.append(b.rc[done])
+        if again.any():
+            out_h.append(b.src[~again])
+            out_rc.append(b.rc[~again])
+            retry = b.src[again]
+        else:
+            out_h.append(b.src)
+            out_rc.append(b.rc)
+            retry = retry[:0]
         split.extend(b.split)
-        retry = b.src[again]
-        _event(m, "batch_end", target=target, heads=b.src, rc=b.rc)
+        if d.events:
+            _event(m, "batch_end", target=target, heads=b.src, rc=b.rc)
     if len(retry):
         out_h.append(retry)
         out_rc.append(np.full(len(retry), -errno.EAGAIN, np.int32))
-    return (np.concatenate(out_h) if out_h else np.empty(0, np.int64),
-            np.concatenate(out_rc) if out_rc else np.empty(0, np.int32),
+    return (np.concatenate(out_h) if len(out_h) != 1 else out_h[0],
+            np.concatenate(out_rc) if len(out_rc) != 1 else out_rc[0],
             np.concatenate(split) if split else np.empty(0, np.int64))
 
 
@@ -440,16 +407,17 @@ def putback_movable_folios(m, heads) -> None:
     m.free_folios(heads[mm.refcount[heads] == 0])
 
 
-def migrate_pages_sync(m, heads, target, mode):
+def migrate_pages_sync(m, heads, target, mode, d=None):
     """migrate_pages_sync: batched MIGRATE_ASYNC passes first, then the folios still
     busy one at a time in ``mode``."""
-    h, rc, split = migrate_pages_batch(m, heads, target, MIGRATE_ASYNC, NR_MAX_MIGRATE_ASYNC_RETRY)
+    h, rc, split = migrate_pages_batch(m, heads, target, MIGRATE_ASYNC, NR_MAX_MIGRATE_ASYNC_RETRY,
+                                       dispatch=d)
     busy = rc == -errno.EAGAIN
     if not busy.any():
         return h, rc, split
     outs_h, outs_rc, splits = [h[~busy]], [rc[~busy]], [split]
     for f in h[busy].tolist():
-        h1, rc1, s1 = migrate_pages_batch(m, [f], target, mode, NR_MAX_MIGRATE_SYNC_RETRY)
+        h1, rc1, s1 = migrate_pages_batch(m, [f], target, mode, NR_MAX_MIGRATE_SYNC_RETRY, dispatch=d)
         outs_h.append(h1)
         outs_rc.append(rc1)
         splits.append(s1)
@@ -468,21 +436,23 @@ def migrate_pages(m, heads, target, mode=None):
     orders = mm.order[heads].astype(np.int64)
     ends = np.cumsum(np.left_shift(1, orders))
     res_h, res_rc, res_piece = [], [], []
+    d = Dispatch(m)
     start = 0
     while start < len(heads):
         base = ends[start - 1] if start else 0
         stop = max(int(np.searchsorted(ends, base + limit, side="right")), start + 1)
         batch = heads[start:stop]
         if mode == MIGRATE_ASYNC:
-            h, rc, split = migrate_pages_batch(m, batch, target, mode, NR_MAX_MIGRATE_PAGES_RETRY)
+            h, rc, split = migrate_pages_batch(m, batch, target, mode, NR_MAX_MIGRATE_PAGES_RETRY,
+                                               dispatch=d)
         else:
-            h, rc, split = migrate_pages_sync(m, batch, target, mode)
+            h, rc, split = migrate_pages_sync(m, batch, target, mode, d)
         res_h.append(h)
         res_rc.append(rc)
         res_piece.append(np.zeros(len(h), bool))
         if len(split):  # the pieces of split folios, as base pages, without splitting again
             h2, rc2, _ = migrate_pages_batch(m, split, target, MIGRATE_ASYNC,
-                                             NR_MAX_MIGRATE_PAGES_RETRY, nosplit=True)
+                                             NR_MAX_MIGRATE_PAGES_RETRY, nosplit=True, dispatch=d)
             res_h.append(h2)
             res_rc.append(rc2)
             res_piece.append(np.ones(len(h2), bool))

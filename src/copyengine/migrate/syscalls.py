@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import oserror
-from ..mm.memmap import PG_isolated
+from ..mm.pageflags import PG_isolated
 from ..mm.process import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL
 from ..mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
 from .core import folio_isolate_lru, migrate_pages as migrate_folios

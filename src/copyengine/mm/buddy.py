@@ -49,7 +49,7 @@ def _init_node(node, base, nblocks, max_order, nxt, prv, free_order, free_head, 
 
 
 @njit(cache=True, nogil=True)
-def _alloc(node, order, count, out, max_order, nxt, prv, free_order, free_head, nr_free):
+def alloc_blocks(node, order, count, out, max_order, nxt, prv, free_order, free_head, nr_free):
     """__rmqueue_smallest + expand, ``count`` times; returns how many blocks were found."""
     got = 0
     while got < count:
@@ -69,22 +69,26 @@ def _alloc(node, order, count, out, max_order, nxt, prv, free_order, free_head, 
 
 
 @njit(cache=True, nogil=True)
+def free_one(pfn, order, frames_per_node, max_order, nxt, prv, free_order, free_head, nr_free):
+    """__free_one_page: merge the block with its buddy while the buddy is free."""
+    node = pfn // frames_per_node
+    base = node * frames_per_node
+    k = order
+    while k < max_order:
+        buddy = base + ((pfn - base) ^ (1 << k))
+        if free_order[buddy] != k + 1:
+            break
+        _list_del(buddy, k, node, nxt, prv, free_order, free_head, nr_free)
+        if buddy < pfn:
+            pfn = buddy
+        k += 1
+    _list_add(pfn, k, node, nxt, prv, free_order, free_head, nr_free)
+
+
+@njit(cache=True, nogil=True)
 def _free(pfns, order, frames_per_node, max_order, nxt, prv, free_order, free_head, nr_free):
-    """__free_one_page for each block: merge with its buddy while the buddy is free."""
     for i in range(pfns.shape[0]):
-        pfn = pfns[i]
-        node = pfn // frames_per_node
-        base = node * frames_per_node
-        k = order
-        while k < max_order:
-            buddy = base + ((pfn - base) ^ (1 << k))
-            if free_order[buddy] != k + 1:
-                break
-            _list_del(buddy, k, node, nxt, prv, free_order, free_head, nr_free)
-            if buddy < pfn:
-                pfn = buddy
-            k += 1
-        _list_add(pfn, k, node, nxt, prv, free_order, free_head, nr_free)
+        free_one(pfns[i], order, frames_per_node, max_order, nxt, prv, free_order, free_head, nr_free)
 
 
 @njit(cache=True, nogil=True)
@@ -123,16 +127,17 @@ class BuddyAllocator:
         self.nr_free = np.zeros((nodes, max_order + 1), np.int64)
         self._out = np.empty(1024, np.int64)
         for node in range(nodes):
-            _init_node(node, node * frames_per_node, frames_per_node >> max_order, max_order, *self._lists())
+            _init_node(node, node * frames_per_node, frames_per_node >> max_order, max_order, *self.lists())
 
-    def _lists(self):
+    def lists(self):
+        """The free-list arrays, in the order the compiled functions take them."""
         return self.nxt, self.prv, self.free_order, self.free_head, self.nr_free
 
     def alloc(self, node: int, order: int, count: int) -> np.ndarray:
         """Up to ``count`` blocks of ``order`` on ``node`` (fewer when the node runs out)."""
         if count > len(self._out):
             self._out = np.empty(max(count, 2 * len(self._out)), np.int64)
-        got = _alloc(node, order, count, self._out, self.max_order, *self._lists())
+        got = alloc_blocks(node, order, count, self._out, self.max_order, *self.lists())
         return self._out[:got].copy()
 
     def alloc_exact(self, node: int, order: int, count: int) -> np.ndarray:
@@ -146,11 +151,11 @@ class BuddyAllocator:
     def free(self, pfns: np.ndarray, order: int) -> None:
         if len(pfns):
             _free(np.ascontiguousarray(pfns, dtype=np.int64), order, self.frames_per_node,
-                  self.max_order, *self._lists())
+                  self.max_order, *self.lists())
 
     def take_off(self, pfn: int) -> bool:
         """Remove one free frame from the free lists for good; False if it is not free."""
-        return bool(_take_off(pfn, self.frames_per_node, self.max_order, *self._lists()))
+        return bool(_take_off(pfn, self.frames_per_node, self.max_order, *self.lists()))
 
     def is_free(self, pfn: int) -> bool:
         base = (pfn // self.frames_per_node) * self.frames_per_node

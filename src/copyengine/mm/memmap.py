@@ -3,20 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-# Page flags (a subset of the kernel's, plus what the model needs).
-PG_locked = np.uint32(1 << 0)      # folio lock, held across unmap..finalize of a migration
-PG_hwpoison = np.uint32(1 << 1)    # hardware poisoned: never read, never handed out again
-PG_head = np.uint32(1 << 2)        # head page of an allocated folio
-PG_reserved = np.uint32(1 << 3)    # never freed (the zero page)
-PG_anon = np.uint32(1 << 4)        # private anonymous memory (owner is an anon_vma)
-PG_swapbacked = np.uint32(1 << 5)  # shared anonymous memory (owner is a shmem object)
-PG_isolated = np.uint32(1 << 6)    # taken off the LRU for migration (folio_isolate_lru)
-PG_nonzero = np.uint32(1 << 7)     # contents may be non-zero: zero before handing out as anon
-PG_allocated = np.uint32(1 << 8)   # frame belongs to an allocated folio (not free in buddy)
-
-# owner values that are not ids of an anon_vma or shmem object
-OWNER_NONE = 0        # free, or allocated but not yet mapped (a migration destination)
-OWNER_ZERO_PAGE = -1
+# Re-exported: the flags describe mem_map entries, and importers look for them here.
+from .pageflags import (OWNER_NONE, OWNER_ZERO_PAGE, PG_allocated, PG_anon, PG_head,  # noqa: F401
+                        PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_reserved, PG_swapbacked)
+from .folio_ops import prep_new_folios as _prep_new_folios
 
 
 class MemMap:
@@ -50,18 +40,13 @@ class MemMap:
         offs = np.arange(int(nr.sum()), dtype=np.int64) - np.repeat(np.cumsum(nr) - nr, nr)
         return starts + offs
 
-    def prep_new_folios(self, heads: np.ndarray, order: int) -> np.ndarray:
-        """Metadata of freshly allocated folios (prep_new_page): returns their pfns."""
-        nr = 1 << order
-        pfns = (heads[:, None] + np.arange(nr, dtype=np.int64)[None, :]).ravel() if nr > 1 else heads
-        self.head[pfns] = np.repeat(heads, nr) if nr > 1 else heads
-        self.order[pfns] = order
-        self.flags[pfns] = (self.flags[pfns] & (PG_nonzero | PG_hwpoison)) | PG_allocated
-        self.flags[heads] |= PG_head
-        self.refcount[heads] = 1
-        self.pincount[heads] = 0
-        self.mapcount[pfns] = 0
-        self.owner[pfns] = OWNER_NONE
-        self.index[pfns] = 0
-        self.private[pfns] = 0
-        return pfns
+    def arrays(self):
+        """The metadata arrays in the order compiled loops take them."""
+        return (self.flags, self.refcount, self.pincount, self.mapcount, self.order, self.head,
+                self.owner, self.index, self.private)
+
+    def prep_new_folios(self, heads: np.ndarray, order: int, extra=0) -> None:
+        """Metadata of freshly allocated folios (prep_new_page)."""
+        _prep_new_folios(np.ascontiguousarray(heads, dtype=np.int64), order, np.uint32(extra),
+                        *self.arrays())
+

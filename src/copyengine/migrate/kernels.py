@@ -1,0 +1,154 @@
+"""Compiled loops of the migration phases, one pass over a batch's folios and pages each.
+
+``core`` orchestrates the phases and owns their semantics; these loops only do the
+per-page work (what the kernel does in try_to_migrate_one, remove_migration_pte,
+folio_migrate_flags ...) without one numpy call per metadata array per phase.
+Entries (the PTEs a batch replaced by migration entries) are four parallel arrays per VMA:
+page index in the VMA, source pfn, batch folio index, and the PTE's write bit.
+"""
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+from numba import njit
+
+from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
+from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT, PTE_WRITE
+
+_EAGAIN = -errno.EAGAIN
+_UNLOCK = np.uint32(0xFFFFFFFF & ~int(PG_locked))
+_UNLOCK_ISOLATE = np.uint32(0xFFFFFFFF & ~int(PG_locked | PG_isolated))
+
+
+@njit(cache=True, nogil=True)
+def unmap_vma(sel, src, nr, oid, owner, index, pgoff, ptes, flags, mapcount, refcount,
+              ev, ep, ef, ew):
+    """try_to_migrate over one VMA: every present PTE mapping a page of the selected
+    folios (owned by object ``oid``) becomes a migration entry; its map count and folio
+    reference go. The sources are locked first. Returns the number of entries written."""
+    k = 0
+    npt = ptes.shape[0]
+    for t in range(sel.shape[0]):
+        f = sel[t]
+        h = src[f]
+        flags[h] |= PG_locked
+        for j in range(nr[f]):
+            p = h + j
+            if owner[p] != oid:
+                continue
+            v = index[p] - pgoff
+            if v < 0 or v >= npt:
+                continue
+            pt = ptes[v]
+            if (pt & PTE_PRESENT) == 0 or (pt >> PFN_SHIFT) != np.uint64(p):
+                continue
+            w = pt & PTE_WRITE
+            ptes[v] = (np.uint64(p) << PFN_SHIFT) | PTE_MIGRATION | w
+            mapcount[p] -= 1
+            refcount[h] -= 1
+            ev[k] = v
+            ep[k] = p
+            ef[k] = f
+            ew[k] = w
+            k += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def ref_check(sel, src, flags, refcount, rc):
+    """folio_expected_refs after unmap: the isolation reference plus the page cache's.
+    Any other (a pin) makes the folio -EAGAIN. Returns how many are busy."""
+    busy = 0
+    for t in range(sel.shape[0]):
+        f = sel[t]
+        h = src[f]
+        expected = 2 if flags[h] & PG_swapbacked else 1
+        if refcount[h] != expected:
+            rc[f] = _EAGAIN
+            busy += 1
+    return busy
+
+
+@njit(cache=True, nogil=True)
+def restore_vma(ev, ep, ef, ew, n, want, to_dst, src, dst, ptes, mapcount, refcount):
+    """remove_migration_ptes for the entries of folios with ``want[f]``: point them at
+    the destination (``to_dst``) or back at the source, restoring map counts and folio
+    references. Entries of other folios are compacted to the front; returns their count."""
+    keep = 0
+    for i in range(n):
+        f = ef[i]
+        if not want[f]:
+            ev[keep] = ev[i]
+            ep[keep] = ep[i]
+            ef[keep] = f
+            ew[keep] = ew[i]
+            keep += 1
+            continue
+        p = ep[i]
+        if to_dst:
+            p = dst[f] + (p - src[f])
+            refcount[dst[f]] += 1
+        else:
+            refcount[src[f]] += 1
+        ptes[ev[i]] = (np.uint64(p) << PFN_SHIFT) | PTE_PRESENT | ew[i]
+        mapcount[p] += 1
+    return keep
+
+
+@njit(cache=True, nogil=True)
+def batch_move(sel, src, dst, nr, flags, owner, index, refcount, moved):
+    """folio_migrate_mapping + folio_migrate_flags without the copy (MIGRATE_NO_COPY).
+    The destination takes the page cache's reference of a shmem folio. Returns how
+    many shmem folios moved (their page-cache slots are updated by the caller)."""
+    nshm = 0
+    for t in range(sel.shape[0]):
+        f = sel[t]
+        s, d = src[f], dst[f]
+        for j in range(nr[f]):
+            owner[d + j] = owner[s + j]
+            index[d + j] = index[s + j]
+            flags[d + j] |= flags[s + j] & (PG_anon | PG_swapbacked)
+        if flags[s] & PG_swapbacked:
+            refcount[d] = 2
+            refcount[s] -= 1
+            nshm += 1
+        else:
+            refcount[d] = 1
+        moved[f] = True
+    return nshm
+
+
+@njit(cache=True, nogil=True)
+def folios_poisoned(sel, src, nr, flags, out):
+    """Per selected folio: does any of its source pages carry PG_hwpoison?"""
+    for t in range(sel.shape[0]):
+        f = sel[t]
+        bad = False
+        for j in range(nr[f]):
+            if flags[src[f] + j] & PG_hwpoison:
+                bad = True
+                break
+        out[t] = bad
+
+
+@njit(cache=True, nogil=True)
+def finalize_done(ok, src, dst, nr, flags, refcount):
+    """migrate_folio_done for migrated folios, after their PTEs point at the destination:
+    the destination is unlocked and loses its allocation reference, the source is
+    unlocked and loses its isolation reference (the last)."""
+    for t in range(ok.shape[0]):
+        f = ok[t]
+        d, s = dst[f], src[f]
+        for j in range(nr[f]):
+            flags[d + j] |= PG_nonzero
+        flags[d] &= _UNLOCK
+        refcount[d] -= 1
+        flags[s] &= _UNLOCK_ISOLATE
+        refcount[s] -= 1
+
+
+@njit(cache=True, nogil=True)
+def unlock(sel, heads, flags):
+    for t in range(sel.shape[0]):
+        flags[heads[sel[t]]] &= _UNLOCK

@@ -160,6 +160,20 @@ def folio_mc_copy(job: CopyJob, folios) -> np.ndarray:
     return status
 
 
+def run_engine(engine: Engine, job: CopyJob, timeout: float) -> np.ndarray:
+    """Run a job to completion: ``copy`` for a synchronous engine; for an asynchronous
+    one submit, wait up to ``timeout`` seconds, and on expiry cancel it (after which it
+    never writes): folios it had not completed report -ETIMEDOUT."""
+    if not engine.capabilities.asynchronous:
+        return engine.copy(job)
+    completion = engine.submit(job)
+    result = completion.wait(timeout)
+    if result is None:
+        completion.cancel()
+        result = completion.result.copy()
+    return np.where(result == PENDING, -errno.ETIMEDOUT, result).astype(np.int32)
+
+
 def parse_spec(spec) -> tuple[str, str | None]:
     if not isinstance(spec, str):
         raise TypeError(f"an engine spec is a string like 'mt:4', not {type(spec).__name__}")

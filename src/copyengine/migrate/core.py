@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engines.base import CopyJob, folio_mc_copy
+from ..engines.base import CopyJob, folio_mc_copy, run_engine
 from ..mm.pageflags import PG_anon, PG_head, PG_isolated, PG_locked, PG_swapbacked
 from . import kernels
 
@@ -275,8 +275,8 @@ def migrate_folios_batch_copy(b: MigrationBatch, sel, engine, dispatch=None) -> 
         info = BatchInfo(len(sel), job.total_bytes, b.order[sel], m.page_size, b.target)
         chosen = hook.copyengine_select_engine(machine=m, batch=info, engine=engine) or engine
     try:
-        if d.direct_copy and not chosen.capabilities.asynchronous:
-            res = chosen.copy(job)
+        if d.direct_copy:
+            res = run_engine(chosen, job, m.settings["copy_timeout"])
         else:
             res = hook.copyengine_batch_copy(machine=m, engine=chosen, job=job)
         res = np.asarray(res)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from ..errors import EHWPOISON, oserror
-from .memmap import PG_anon, PG_head, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
+from .pageflags import PG_anon, PG_head, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
 from .pte import PTE_MIGRATION, PTE_PRESENT, PTE_WRITE, mk_pte, pte_pfn
 from .vma import AnonVma, Shmem, Vma
 
@@ -59,8 +59,9 @@ class Pin:
             np.add.at(mm.pincount, self.heads, -1)
             np.add.at(mm.refcount, self.heads, -1)
             self.released = True
-            uh = np.unique(self.heads)
-            m.free_folios(uh[mm.refcount[uh] == 0])
+            # Free folios whose last reference this was; split anonymous large folios
+            # left partly mapped (their unmapped pages were kept only by the pin).
+            self.process._release_folios(self.heads)
 
     def __enter__(self):
         return self
@@ -148,7 +149,7 @@ class Process:
         deadline = None
         while True:
             segs = resolve()
-            if not any((s.vma.ptes[s.i0:s.i1] & PTE_MIGRATION).any() for s in segs):
+            if not any(self._under_migration(s) for s in segs):
                 return segs
             now = time.monotonic()
             if deadline is None:
@@ -157,6 +158,22 @@ class Process:
                 raise oserror(errno.ETIMEDOUT, "waited too long on a migration entry")
             m.cond.wait(deadline - now)
             self._enter()
+
+    def _under_migration(self, seg) -> bool:
+        """A migration entry in the range, or (shared memory) a page-cache folio that is
+        locked for migration: faulting it in now would map a frame about to change."""
+        ptes = seg.vma.ptes[seg.i0:seg.i1]
+        if (ptes & PTE_MIGRATION).any():
+            return True
+        if not seg.vma.shared:
+            return False
+        none = np.nonzero(ptes == 0)[0]
+        if not len(none):
+            return False
+        cached = seg.vma.obj.cache[seg.vma.pgoff + seg.i0 + none]
+        cached = cached[cached >= 0]
+        mm = self.machine.mem_map
+        return bool(len(cached)) and bool((mm.flags[mm.head[cached]] & PG_locked).any())
 
     def _all_segs(self):
         return [_Seg(v, 0, v.npages) for v in self.vmas]
@@ -242,7 +259,7 @@ class Process:
                     for v in self._overlapping(start, end)]
 
         segs = self._wait_migration(resolve)
-        released = []
+        released, orphans = [], []
         for s in segs:
             vma = s.vma
             released.append(self._zap(vma, s.i0, s.i1))
@@ -253,9 +270,13 @@ class Process:
                                          vma.node, vma.order, vma.obj, vma.pgoff + lo,
                                          vma.ptes[lo:hi].copy()))
             if not vma.obj.vmas:
-                self._release_object(vma.obj)
+                orphans.append(vma.obj)
+        # Drop the PTE references first, then the page cache's: releasing an object
+        # first would free its folios and _release_folios would free them a second time.
         if released:
             self._release_folios(np.concatenate(released))
+        for obj in orphans:
+            self._release_object(obj)
 
     def _zap(self, vma, i0, i1) -> np.ndarray:
         """zap_pte_range: clear PTEs, drop map counts and references; returns the heads touched."""
@@ -412,7 +433,7 @@ class Process:
                     p["cow_heads"] = heads
         except OSError:
             for heads in got:
-                m.free_folios(heads)
+                m.free_folios(heads, undo=True)
             raise
 
     def _commit(self, seg, lo, hi):
@@ -543,6 +564,7 @@ class Process:
             raise TypeError(f"data must be a contiguous bytes-like object, not {type(data).__name__}") from None
         addr = self._check_range(addr, len(data))
         if not len(data):
+            self._enter()  # ESRCH after exit, even for an empty write
             return
         with self.machine.lock:
             self._enter()
@@ -555,6 +577,7 @@ class Process:
             raise oserror(errno.EINVAL, f"read length must be >= 0, got {n}")
         addr = self._check_range(addr, n)
         if n == 0:
+            self._enter()  # ESRCH after exit, even for an empty read
             return b""
         with self.machine.lock:
             self._enter()
@@ -633,7 +656,7 @@ class Process:
                         copies.append((vma, present[pinned], pfns[pinned], new))
             except OSError:
                 for c in copies:
-                    m.free_folios(c[3])
+                    m.free_folios(c[3], undo=True)
                 raise
             child = m.spawn(self.uid, self.cap_sys_nice, self.mems_allowed)
             child._next_addr = self._next_addr

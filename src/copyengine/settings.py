@@ -42,10 +42,17 @@ def _mode(name, v, machine):
     return v
 
 
+def _kernel_pmd_nr(machine) -> int:
+    """HPAGE_PMD_NR of the architecture the page size stands for: 512 with 4 KiB base
+    pages (x86-64, a 2 MiB PMD), 8192 with 64 KiB base pages (arm64, a 512 MiB PMD)."""
+    return 512 if machine.page_size == 4096 else 8192
+
+
 SETTINGS: dict[str, _Setting] = {
     "nr_max_batched_migration": _Setting(
-        lambda m: m.hpage_pmd_nr, _int_range(1, lambda m: m.total_frames),
-        "Most base pages migrated in one batch (NR_MAX_BATCHED_MIGRATION; HPAGE_PMD_NR by default)."),
+        _kernel_pmd_nr, _int_range(1, lambda m: max(m.total_frames, _kernel_pmd_nr(m))),
+        "Most base pages migrated in one batch (NR_MAX_BATCHED_MIGRATION; HPAGE_PMD_NR by "
+        "default: 512 with 4 KiB base pages, 8192 with 64 KiB base pages as on arm64)."),
     "migrate_mode": _Setting(
         lambda m: "sync", _mode,
         "Mode of move_pages/migrate_pages: async, sync_light or sync (the syscalls use sync)."),

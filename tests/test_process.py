@@ -112,6 +112,28 @@ def test_large_folio_tail_that_does_not_fit_is_small(machine):
         assert m.mem_map.order[p.pfn_of(a + 64 * KiB + i * PS)] == 0
 
 
+def test_large_folio_fault_falls_back_to_base_pages_when_fragmented(machine):
+    """No free 2 MiB block but free single pages: the fault maps base pages (mTHP
+    fallback), it does not fail with ENOMEM."""
+    m = machine
+    hog = m.spawn()
+    # Fill node 0, then free every other page: plenty of memory, no order-9 block.
+    a = hog.mmap(m.free_pages(0) * m.page_size, node=0)
+    for i in range(0, m.free_pages(0) + 16384, 2):
+        if a + (i + 1) * m.page_size > hog.vmas[-1].end:
+            break
+        hog.munmap(a + i * m.page_size, m.page_size)
+    assert m.free_pages(0) >= 512
+    assert not m.buddy.alloc(0, 9, 1).size
+    p = m.spawn()
+    b = p.mmap(2 << 20, node=0, folio_size="2MiB", populate=False)
+    data = pattern(2 << 20, seed=3)
+    p.write(b, data)
+    assert p.read(b, 2 << 20) == data
+    assert all(m.mem_map.order[p.pfn_of(b + i * m.page_size)] == 0 for i in range(0, 512, 37))
+    assert {p.node_of(b + i * m.page_size) for i in range(0, 512, 37)} == {0}
+
+
 def test_large_folio_faults_on_first_touch(machine):
     m = machine
     p = m.spawn()

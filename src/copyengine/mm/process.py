@@ -420,10 +420,22 @@ class Process:
         try:
             for s in segs:
                 p = s.plan
-                p["heads"] = []
-                for order, idx in p["new"]:
-                    heads = m.alloc_folios(s.vma.node, order, len(idx) >> order)
+                p["heads"], planned, p["new"] = [], p["new"], []
+                for order, idx in planned:
+                    if order:
+                        # A large folio the node cannot supply falls back to base pages,
+                        # as the mTHP fault path does.
+                        heads = m.alloc_folios_upto(s.vma.node, order, len(idx) >> order)
+                        got.append(heads)
+                        if len(heads):
+                            p["new"].append((order, idx[:len(heads) << order]))
+                            p["heads"].append(heads)
+                        idx = idx[len(heads) << order:]
+                        if not len(idx):
+                            continue
+                    heads = m.alloc_folios(s.vma.node, 0, len(idx))
                     got.append(heads)
+                    p["new"].append((0, idx))
                     p["heads"].append(heads)
                 cow = p["cow"]
                 p["cow_heads"] = None
@@ -460,7 +472,7 @@ class Process:
                 mm.refcount[heads] = nr
             vma.ptes[idx] = mk_pte(pfns, PTE_PRESENT | PTE_WRITE)
             fresh.append((idx, pfns))
-            m.count("pgfault", len(idx))
+            m.count("pgfault", len(heads))  # one fault maps a whole new folio
         if p["map_cached"] is not None:
             idx, pfns = p["map_cached"]
             mm.mapcount[pfns] += 1

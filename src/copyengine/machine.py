@@ -75,6 +75,8 @@ class Machine:
         self._closed = False
         self._engine = None
         self.engine_spec = None
+        self._engine_users = {}   # id(engine) -> migrations using it
+        self._retired = {}        # engines replaced while in use, closed by their last user
         # The shared zero page: frame 0 of node 0, reserved for the machine's life.
         self.zero_pfn = int(self.buddy.alloc_exact(0, 0, 1)[0])
         mm = self.mem_map
@@ -231,12 +233,35 @@ class Machine:
         engine = create_engine(spec, self, self.engines())
         with self.lock:
             old, self._engine, self.engine_spec = self._engine, engine, spec
+            # A migration in flight keeps the engine it started with: the last one closes it.
+            if old is not None and self._engine_users.get(id(old)):
+                self._retired[id(old)] = old
+                old = None
         if old is not None:
             old.close()
 
     @property
     def engine(self):
         return self._engine
+
+    def get_engine(self):
+        """The current engine, held until put_engine(): set_engine() meanwhile does not
+        close it under the caller (the migration that started with it finishes with it)."""
+        with self.lock:
+            engine = self._engine
+            self._engine_users[id(engine)] = self._engine_users.get(id(engine), 0) + 1
+            return engine
+
+    def put_engine(self, engine) -> None:
+        with self.lock:
+            n = self._engine_users.get(id(engine), 0) - 1
+            if n > 0:
+                self._engine_users[id(engine)] = n
+                return
+            self._engine_users.pop(id(engine), None)
+            retired = self._retired.pop(id(engine), None)
+        if retired is not None:
+            retired.close()
 
     # ----------------------------------------------------------------- counters
     @property

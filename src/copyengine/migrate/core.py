@@ -103,9 +103,9 @@ class Dispatch:
 
     __slots__ = ("engine", "direct_alloc", "direct_copy", "select", "events")
 
-    def __init__(self, m):
+    def __init__(self, m, engine):
         hook = m.pm.hook
-        self.engine = m.engine
+        self.engine = engine
         self.direct_alloc = _only_builtin(hook.copyengine_alloc_frames)
         self.direct_copy = _only_builtin(hook.copyengine_batch_copy)
         self.select = bool(hook.copyengine_select_engine.get_hookimpls())
@@ -135,7 +135,8 @@ def migrate_folios_prepare(b: MigrationBatch, nosplit: bool, direct_alloc: bool 
             got = m.pm.hook.copyengine_alloc_frames(machine=m, node=b.target, order=o, count=len(sel))
             got = np.ascontiguousarray(got if got is not None else [], np.int64)[:len(sel)]
         if len(got):
-            mm.prep_new_folios(got, o, PG_locked)
+            mm.prep_new_folios(got, o)
+            mm.flags[got] |= PG_locked  # the folio lock lives on the head
             m.count("pgalloc", len(got) << o)
         b.dst[sel[:len(got)]] = got
         short = sel[len(got):]
@@ -143,10 +144,21 @@ def migrate_folios_prepare(b: MigrationBatch, nosplit: bool, direct_alloc: bool 
             continue
         b.rc[short] = -errno.ENOMEM
         if o > 0 and not nosplit:
-            anon = (mm.flags[b.src[short]] & PG_anon) != 0
-            for h in b.src[short[anon]].tolist():
-                b.split.append(split_folio_isolated(m, h))
-            b.rc[short[anon]] = SPLIT
+            for f in short.tolist():
+                h = int(b.src[f])
+                if can_split_folio(m, h):
+                    b.split.append(split_folio_isolated(m, h))
+                    b.rc[f] = SPLIT
+
+
+def can_split_folio(m, h) -> bool:
+    """can_split_folio: an anonymous folio whose only references are its mappings and
+    the isolation (a pinned folio cannot be split)."""
+    mm = m.mem_map
+    if not mm.flags[h] & PG_anon or mm.pincount[h]:
+        return False
+    nr = 1 << int(mm.order[h])
+    return int(mm.refcount[h]) == 1 + int(mm.mapcount[h:h + nr].sum())
 
 
 def split_folio_isolated(m, h):
@@ -269,7 +281,7 @@ def migrate_folios_batch_copy(b: MigrationBatch, sel, engine, dispatch=None) -> 
         return
     job = build_copy_job(b, sel)
     hook = m.pm.hook
-    d = dispatch or Dispatch(m)
+    d = dispatch or Dispatch(m, engine)
     chosen = engine
     if d.select:
         info = BatchInfo(len(sel), job.total_bytes, b.order[sel], m.page_size, b.target)
@@ -327,7 +339,7 @@ def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, dispatch
     """migrate_pages_batch: up to ``nr_pass`` passes over one batch; -EAGAIN folios are
     retried. Returns (heads, rc, split pages): one entry per folio that reached an
     outcome, rc 0 for migrated, SPLIT for a split large folio, else -errno."""
-    d = dispatch or Dispatch(m)
+    d = dispatch or Dispatch(m, m.engine)
     engine = d.engine
     times = m.migrate_times
     out_h, out_rc, split = [], [], []
@@ -436,27 +448,31 @@ def migrate_pages(m, heads, target, mode=None):
     orders = mm.order[heads].astype(np.int64)
     ends = np.cumsum(np.left_shift(1, orders))
     res_h, res_rc, res_piece = [], [], []
-    d = Dispatch(m)
-    start = 0
-    while start < len(heads):
-        base = ends[start - 1] if start else 0
-        stop = max(int(np.searchsorted(ends, base + limit, side="right")), start + 1)
-        batch = heads[start:stop]
-        if mode == MIGRATE_ASYNC:
-            h, rc, split = migrate_pages_batch(m, batch, target, mode, NR_MAX_MIGRATE_PAGES_RETRY,
-                                               dispatch=d)
-        else:
-            h, rc, split = migrate_pages_sync(m, batch, target, mode, d)
-        res_h.append(h)
-        res_rc.append(rc)
-        res_piece.append(np.zeros(len(h), bool))
-        if len(split):  # the pieces of split folios, as base pages, without splitting again
-            h2, rc2, _ = migrate_pages_batch(m, split, target, MIGRATE_ASYNC,
-                                             NR_MAX_MIGRATE_PAGES_RETRY, nosplit=True, dispatch=d)
-            res_h.append(h2)
-            res_rc.append(rc2)
-            res_piece.append(np.ones(len(h2), bool))
-        start = stop
+    engine = m.get_engine()
+    try:
+        d = Dispatch(m, engine)
+        start = 0
+        while start < len(heads):
+            base = ends[start - 1] if start else 0
+            stop = max(int(np.searchsorted(ends, base + limit, side="right")), start + 1)
+            batch = heads[start:stop]
+            if mode == MIGRATE_ASYNC:
+                h, rc, split = migrate_pages_batch(m, batch, target, mode, NR_MAX_MIGRATE_PAGES_RETRY,
+                                                   dispatch=d)
+            else:
+                h, rc, split = migrate_pages_sync(m, batch, target, mode, d)
+            res_h.append(h)
+            res_rc.append(rc)
+            res_piece.append(np.zeros(len(h), bool))
+            if len(split):  # the pieces of split folios, as base pages, without splitting again
+                h2, rc2, _ = migrate_pages_batch(m, split, target, MIGRATE_ASYNC,
+                                                 NR_MAX_MIGRATE_PAGES_RETRY, nosplit=True, dispatch=d)
+                res_h.append(h2)
+                res_rc.append(rc2)
+                res_piece.append(np.ones(len(h2), bool))
+            start = stop
+    finally:
+        m.put_engine(engine)
     if not res_h:
         return MigrateResult(np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, bool))
     h, rc, piece = np.concatenate(res_h), np.concatenate(res_rc), np.concatenate(res_piece)

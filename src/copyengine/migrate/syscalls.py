@@ -104,7 +104,7 @@ def lookup_pages(target, addrs, node, migrate_all):
         nid = h // m.frames_per_node
         c = np.full(len(idx), QUEUE, np.int64)
         if node is not None:
-            shared = mm.mapcount[p] > 1
+            shared = folio_mapped_shared(m, h, p)
             if not migrate_all:
                 c[shared] = -errno.EACCES
             c[(mm.flags[h] & PG_isolated) != 0] = -errno.EBUSY
@@ -113,6 +113,21 @@ def lookup_pages(target, addrs, node, migrate_all):
             c = nid
         code[idx] = c
     return code, head, pfn
+
+
+def folio_mapped_shared(m, heads, pfns) -> np.ndarray:
+    """Is each folio mapped more than once (another process, or copy-on-write shared)?
+    Per folio, not per page: a large folio whose other pages are still shared after a
+    partial COW break is shared."""
+    mm = m.mem_map
+    shared = mm.mapcount[pfns] > 1
+    large = np.nonzero(mm.order[heads] > 0)[0]
+    if len(large):
+        for h in np.unique(heads[large]).tolist():
+            nr = 1 << int(mm.order[h])
+            if (mm.mapcount[h:h + nr] > 1).any():
+                shared[heads == h] = True
+    return shared
 
 
 # --------------------------------------------------------------------------- move_pages
@@ -180,6 +195,8 @@ class _Pending:
 def do_pages_move(target, addrs, nodes, migrate_all) -> MovePagesResult:
     m = target.machine
     n = len(addrs)
+    if not n:
+        return MovePagesResult(0, [])
     status = np.zeros(n, np.int64)
     reached = np.zeros(n, bool)
     failed = 0
@@ -332,7 +349,7 @@ def migrate_to_node(target, source, dest, move_all) -> int:
         p = pte_pfn(vma.ptes[idx])
         p = p[(p != m.zero_pfn) & (p // m.frames_per_node == source)]
         if not move_all:
-            p = p[mm.mapcount[p] <= 1]
+            p = p[~folio_mapped_shared(m, mm.head[p], p)]
         heads.append(mm.head[p])
     if not heads:
         return 0

@@ -47,7 +47,7 @@ def test_construction(nodes, node_size, page_size, exp_node, exp_page):
         for n in range(1, m.nodes):
             assert m.free_pages(n) == fpn
         assert m.free_pages() == m.total_frames - 1
-        assert m.engine_spec == "serial"
+        assert m.engine_spec == "auto"  # the default engine
         assert "Machine" in repr(m)
 
 

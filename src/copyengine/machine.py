@@ -21,7 +21,7 @@ from .units import parse_size
 HPAGE_PMD_SIZE = 2 << 20
 PAGE_SIZES = (4096, 65536)
 MAX_NODES = 64
-DEFAULT_ENGINE = "serial"
+DEFAULT_ENGINE = "auto"
 
 VMSTAT_COUNTERS = (
     "pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migration_fail",

@@ -1,0 +1,163 @@
+"""The auto policy: conformance, choices from the cost model, idle CPUs, availability."""
+import numpy as np
+import pytest
+
+import copyengine as ce
+from copyengine.engines import auto
+from copyengine.testing import EngineConformance
+
+
+class TestAutoConformance(EngineConformance):
+    engine_spec = "auto"
+
+
+@pytest.fixture
+def m():
+    with ce.Machine(nodes=2, node_size="32MiB") as machine:
+        machine.set_engine("auto")
+        yield machine
+
+
+def _models(monkeypatch, **models):
+    """Replace the calibrated models: spec -> (overhead s, bandwidth B/s)."""
+    table = {spec.replace("_", ":"): auto._Model(o, bw) for spec, (o, bw) in models.items()}
+    monkeypatch.setattr(auto, "_models", table)
+    return table
+
+
+def test_is_the_default_engine():
+    with ce.Machine(nodes=2, node_size="8MiB") as machine:
+        assert machine.engine_spec == "auto"
+        assert isinstance(machine.engine, auto.AutoEngine)
+
+
+def test_candidates_cover_serial_every_power_of_two_threads_and_opencl():
+    assert auto.candidate_specs(1) == ["serial", "mt:1", "opencl"]
+    assert auto.candidate_specs(6) == ["serial", "mt:1", "mt:2", "mt:4", "mt:6", "opencl"]
+    assert auto.candidate_specs(16) == ["serial", "mt:1", "mt:2", "mt:4", "mt:8", "mt:16", "opencl"]
+
+
+def test_picks_the_least_predicted_time(m, monkeypatch):
+    e = m.engine
+    e._ensure()
+    fast_big = (50e-6, 40e9)     # costly to start, fast per byte
+    cheap = (1e-6, 5e9)          # cheap to start, slow per byte
+    models = {spec: (1.0, 1e6) for spec in e.engines}   # everything else: hopeless
+    models["serial"] = cheap
+    two = "mt:2" if "mt:2" in e.engines else "mt:1"
+    models[two] = fast_big
+    _models(monkeypatch, **{k.replace(":", "_"): v for k, v in models.items()})
+    monkeypatch.setattr(e, "idle", lambda: 64)
+    e._calls = 1  # keep exploration out of these choices
+    assert e.choose(4096) == "serial"
+    e._calls = 1
+    assert e.choose(64 << 20) == two
+
+
+def test_counts_only_idle_cpus(m, monkeypatch):
+    e = m.engine
+    e._ensure()
+    if "mt:2" not in e.engines:
+        pytest.skip("needs two CPUs for mt:2")
+    models = {spec: (1.0, 1e6) for spec in e.engines}
+    models["serial"] = (1e-6, 1e9)
+    models["mt:2"] = (1e-6, 100e9)
+    _models(monkeypatch, **{k.replace(":", "_"): v for k, v in models.items()})
+    e._calls = 1
+    monkeypatch.setattr(e, "idle", lambda: 2)
+    assert e.choose(64 << 20) == "mt:2"
+    e._calls = 1
+    monkeypatch.setattr(e, "idle", lambda: 1)   # the other CPU is busy: one thread only
+    assert e.choose(64 << 20) == "serial"
+
+
+def test_respects_an_engines_minimum_size(m, monkeypatch):
+    e = m.engine
+    e._ensure()
+    if "opencl" not in e.engines:
+        pytest.skip("no OpenCL device here")
+    models = {spec: (1.0, 1e6) for spec in e.engines}
+    models["serial"] = (1e-3, 1e9)
+    models["opencl"] = (1e-9, 1e15)  # "free", but only above its min_bytes
+    _models(monkeypatch, **{k.replace(":", "_"): v for k, v in models.items()})
+    monkeypatch.setattr(e, "idle", lambda: 64)
+    small = e.engines["opencl"].capabilities.min_bytes - 1
+    e._calls = 1
+    assert e.choose(small) == "serial"
+    e._calls = 1
+    assert e.choose(small + 1) == "opencl"
+
+
+def test_observations_correct_the_model():
+    model = auto._Model(1e-6, 1e9)
+    before = model.predict(1 << 20)
+    for _ in range(50):
+        model.observe(1 << 20, 2 * before)
+    assert model.predict(1 << 20) == pytest.approx(2 * before, rel=0.01)
+    # another size class keeps its own correction
+    assert model.predict(4096) == pytest.approx(1e-6 + 4096 / 1e9)
+
+
+def test_exploration_revisits_the_least_recently_measured(m, monkeypatch):
+    e = m.engine
+    e._ensure()
+    models = _models(monkeypatch, **{k.replace(":", "_"): (1e-6, 1e9) for k in e.engines})
+    models["serial"].bandwidth = 1e12  # serial always predicted best
+    monkeypatch.setattr(e, "idle", lambda: 64)
+    size = 64 << 20  # above every engine's minimum (opencl declines small batches)
+    seen = set()
+    for _ in range(auto._EXPLORE_EVERY * len(e.engines) * 2):
+        spec = e.choose(size)
+        seen.add(spec)
+        models[spec].observe(size, models[spec].predict(size))
+    assert seen == set(e.engines)
+
+
+def test_unavailable_engines_are_never_candidates(monkeypatch):
+    """An engine that cannot be created here (not registered, or EngineUnavailable) is
+    left out with its reason; auto still copies, with what there is."""
+    from copyengine.plugins import make_plugin_manager
+    monkeypatch.setattr(auto, "_models", {})
+    monkeypatch.setattr(auto, "_unavailable", {})
+    pm = make_plugin_manager(builtins=["serial", "auto"], entry_points=False)
+    with ce.Machine(nodes=2, node_size="8MiB", plugin_manager=pm) as machine:
+        assert machine.engine_spec == "auto"
+        engines = machine.engine._ensure()
+        assert set(engines) == {"serial"}
+        assert "mt:1" in auto._unavailable and "opencl" in auto._unavailable
+        p = machine.spawn()
+        a = p.mmap(1 << 20)
+        p.write(a, b"k" * (1 << 20))
+        assert p.move_pages(0, [a + 4096 * i for i in range(256)], [1] * 256).ret == 0
+        assert p.read(a, 1 << 20) == b"k" * (1 << 20)
+        assert machine.engine.choices == {"serial": 1}
+
+
+def test_migrates_correctly_and_reports_its_choices(m):
+    p = m.spawn()
+    a = p.mmap(8 << 20, folio_size="2MiB")
+    data = np.random.default_rng(1).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    p.write(a, data)
+    b = p.mmap(1 << 20)
+    p.write(b, data[:1 << 20])
+    r = p.move_pages(0, [a + (2 << 20) * i for i in range(4)] + [b + 4096 * i for i in range(256)],
+                     [1] * 260)
+    assert r.ret == 0 and set(r.status) == {1}
+    assert p.read(a, 8 << 20) == data and p.read(b, 1 << 20) == data[:1 << 20]
+    assert sum(m.engine.choices.values()) >= 2
+    assert set(m.engine.choices) <= set(m.engine.engines)
+    d = m.engine.describe()
+    assert "serial" in d["candidates"] and d["cpus"] >= 1
+
+
+def test_idle_cpus_reads_proc_stat(monkeypatch):
+    idle = auto.IdleCpus(4, period=0.0)
+    samples = iter([(1000, 2000), (1300, 2400)])  # 300 of 400 ticks idle: 3 CPUs idle
+    monkeypatch.setattr(auto.IdleCpus, "_read", staticmethod(lambda: next(samples)))
+    idle()
+    assert idle() == 4  # 3 idle + the calling CPU, clamped to 4
+    busy = auto.IdleCpus(4, period=0.0)
+    samples2 = iter([(1000, 2000), (1000, 2400)])  # nothing idle: only the caller
+    monkeypatch.setattr(auto.IdleCpus, "_read", staticmethod(lambda: next(samples2)))
+    busy()
+    assert busy() == 1

@@ -69,6 +69,58 @@ def alloc_blocks(node, order, count, out, max_order, nxt, prv, free_order, free_
 
 
 @njit(cache=True, nogil=True)
+def rmqueue_bulk(node, count, out, max_order, nxt, prv, free_order, free_head, nr_free):
+    """rmqueue_bulk: ``count`` base pages at once, smallest blocks first, each block
+    handed out whole (its pages in address order); only a last partly used block is
+    split, its tail going back as aligned blocks. Returns how many pages were found."""
+    got = 0
+    while got < count:
+        k = 0
+        while k <= max_order and free_head[node, k] < 0:
+            k += 1
+        if k > max_order:
+            break
+        pfn = free_head[node, k]
+        _list_del(pfn, k, node, nxt, prv, free_order, free_head, nr_free)
+        n = 1 << k
+        take = min(n, count - got)
+        for j in range(take):
+            out[got + j] = pfn + j
+        got += take
+        # the unused tail [pfn+take, pfn+n): aligned blocks whose buddies are in use
+        start = pfn + take
+        end = pfn + n
+        while start < end:
+            b = 0
+            while b < k and (start & ((1 << (b + 1)) - 1)) == 0 and start + (1 << (b + 1)) <= end:
+                b += 1
+            _list_add(start, b, node, nxt, prv, free_order, free_head, nr_free)
+            start += 1 << b
+    return got
+
+
+@njit(cache=True, nogil=True)
+def free_pages_bulk(pfns, frames_per_node, max_order, nxt, prv, free_order, free_head, nr_free):
+    """free_pcppages_bulk: free many base pages; aligned runs of consecutive pages go
+    back as one block each (then merge with free buddies as usual), which is the state
+    freeing them one by one would reach, without a merge walk per page."""
+    s = np.sort(pfns)
+    n = s.shape[0]
+    i = 0
+    while i < n:
+        p = s[i]
+        base = (p // frames_per_node) * frames_per_node
+        k = 0
+        while k < max_order:
+            size = 1 << (k + 1)
+            if ((p - base) & (size - 1)) != 0 or i + size > n or s[i + size - 1] != p + size - 1:
+                break
+            k += 1
+        free_one(p, k, frames_per_node, max_order, nxt, prv, free_order, free_head, nr_free)
+        i += 1 << k
+
+
+@njit(cache=True, nogil=True)
 def free_one(pfn, order, frames_per_node, max_order, nxt, prv, free_order, free_head, nr_free):
     """__free_one_page: merge the block with its buddy while the buddy is free."""
     node = pfn // frames_per_node
@@ -137,7 +189,10 @@ class BuddyAllocator:
         """Up to ``count`` blocks of ``order`` on ``node`` (fewer when the node runs out)."""
         if count > len(self._out):
             self._out = np.empty(max(count, 2 * len(self._out)), np.int64)
-        got = alloc_blocks(node, order, count, self._out, self.max_order, *self.lists())
+        if order == 0:
+            got = rmqueue_bulk(node, count, self._out, self.max_order, *self.lists())
+        else:
+            got = alloc_blocks(node, order, count, self._out, self.max_order, *self.lists())
         return self._out[:got].copy()
 
     def alloc_exact(self, node: int, order: int, count: int) -> np.ndarray:
@@ -149,9 +204,13 @@ class BuddyAllocator:
         return heads
 
     def free(self, pfns: np.ndarray, order: int) -> None:
-        if len(pfns):
-            _free(np.ascontiguousarray(pfns, dtype=np.int64), order, self.frames_per_node,
-                  self.max_order, *self.lists())
+        if not len(pfns):
+            return
+        pfns = np.ascontiguousarray(pfns, dtype=np.int64)
+        if order == 0 and len(pfns) > 1:
+            free_pages_bulk(pfns, self.frames_per_node, self.max_order, *self.lists())
+        else:
+            _free(pfns, order, self.frames_per_node, self.max_order, *self.lists())
 
     def take_off(self, pfn: int) -> bool:
         """Remove one free frame from the free lists for good; False if it is not free."""

@@ -5,9 +5,10 @@ one numpy call per metadata array; ``MemMap.arrays()`` passes the arrays in orde
 """
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
-from .buddy import free_one
+from .buddy import free_one, free_pages_bulk
 from .pageflags import PG_allocated, PG_head, PG_hwpoison, PG_nonzero, PG_reserved
 
 _KEEP = PG_nonzero | PG_hwpoison
@@ -45,6 +46,8 @@ def free_folios(heads, flags, refcount, pincount, mapcount, order_a, head, owner
         if f & PG_reserved or not f & PG_allocated:
             return -1
     freed = 0
+    singles = np.empty(heads.shape[0], np.int64)  # order-0 folios: freed in bulk below
+    nsingle = 0
     for i in range(heads.shape[0]):
         h = heads[i]
         nr = 1 << order_a[h]
@@ -60,11 +63,18 @@ def free_folios(heads, flags, refcount, pincount, mapcount, order_a, head, owner
         refcount[h] = 0
         pincount[h] = 0
         if not poisoned:
-            free_one(h, order_a[h], frames_per_node, max_order, nxt, prv, free_order, free_head, nr_free)
+            if nr == 1:
+                singles[nsingle] = h
+                nsingle += 1
+            else:
+                free_one(h, order_a[h], frames_per_node, max_order, nxt, prv, free_order, free_head, nr_free)
             freed += nr
         else:
             for j in range(nr):
                 if not flags[h + j] & PG_hwpoison:
                     free_one(h + j, 0, frames_per_node, max_order, nxt, prv, free_order, free_head, nr_free)
                     freed += 1
+    if nsingle:
+        free_pages_bulk(singles[:nsingle], frames_per_node, max_order, nxt, prv, free_order,
+                        free_head, nr_free)
     return freed

@@ -4,9 +4,13 @@ from __future__ import annotations
 import numpy as np
 
 # Re-exported: the flags describe mem_map entries, and importers look for them here.
-from .pageflags import (OWNER_NONE, OWNER_ZERO_PAGE, PG_allocated, PG_anon, PG_head,  # noqa: F401
-                        PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_reserved, PG_swapbacked)
+from .pageflags import (OWNER_NONE, OWNER_ZERO_PAGE, PG_allocated, PG_anon, PG_head, PG_hwpoison,
+                        PG_isolated, PG_locked, PG_nonzero, PG_reserved, PG_swapbacked)
 from .folio_ops import prep_new_folios as _prep_new_folios
+
+
+__all__ = ["MemMap", "OWNER_NONE", "OWNER_ZERO_PAGE", "PG_allocated", "PG_anon", "PG_head",
+           "PG_hwpoison", "PG_isolated", "PG_locked", "PG_nonzero", "PG_reserved", "PG_swapbacked"]
 
 
 class MemMap:

@@ -1,0 +1,182 @@
+"""``copyengine bench``: the command line of the bench.
+
+The ``copyengine`` command wires it in with::
+
+    from copyengine.bench import cli as bench_cli
+    bench_cli.add_parser(subparsers)          # adds "bench" with its options
+    ...
+    return bench_cli.run(args)                # exit status: 0, 1 (a cell failed), 2 (bad options)
+
+``python -m copyengine.bench [options]`` runs it on its own (:func:`main`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DESCRIPTION = """\
+Reproduce the seed's move_pages() throughput tables: a process maps N folios on node 0,
+writes them, and one move_pages() call moves them to node 1; GB/s = bytes moved / wall
+time of that call, median of --repeat runs after one untimed warm-up, every run verified.
+One table per page size (rows: pages, columns: configurations), each row's best as a
+fraction of this host's memcpy ceiling, and where the time goes (prepare, unmap, move,
+copy, finalize, other) for the best configuration.
+"""
+
+EPILOG = """\
+page sizes: FOLIO[@BASE]: 4KiB, 64KiB (64 KiB base pages), 2MiB (2 MiB folios on 4 KiB
+base pages), 2MiB@64KiB (2 MiB folios on 64 KiB base pages, as the seed on arm64).
+configurations: engine specs: vanilla, serial, mt:N, opencl, auto, or a plugin's engine;
+unavailable ones are reported as n/a columns.
+exit status: 0 all cells verified, 1 some cell failed (reported, not counted), 2 bad options.
+"""
+
+
+def add_parser(subparsers, name="bench"):
+    """Add the ``bench`` subcommand to an argparse ``subparsers`` object; returns its parser."""
+    p = subparsers.add_parser(name, help="reproduce the seed's move_pages() throughput tables",
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def add_arguments(p):
+    p.add_argument("--page-size", "--page-sizes", dest="page_size", metavar="LIST",
+                   help="comma list of page sizes (default: 4KiB,64KiB,2MiB,2MiB@64KiB)")
+    p.add_argument("--counts", metavar="LIST",
+                   help="comma list of page counts, the rows, for every page size "
+                        "(default: the seed's rows plus the target rows, per page size)")
+    p.add_argument("--configs", metavar="LIST",
+                   help="comma list of engine specs, the columns (default: vanilla, serial, "
+                        "mt:1 .. mt:CPUS, opencl, auto, and plugin engines)")
+    p.add_argument("--repeat", metavar="N", type=_int_arg("--repeat"),
+                   help="timed runs per cell, after one untimed warm-up (default 5; --quick 2)")
+    p.add_argument("--warmup", metavar="N", type=_int_arg("--warmup", 0), default=1,
+                   help="untimed runs per cell before the timed ones (default 1)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--csv", metavar="PATH", help="write one CSV row per cell")
+    p.add_argument("--plot", metavar="PATH.png", help="plot GB/s against pages (needs matplotlib)")
+    p.add_argument("--markdown", metavar="PATH.md", help="write the tables as markdown")
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (small rows, 2 repeats)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-spread", action="store_true", help="tables without the min-max spread")
+    p.add_argument("--ceiling", metavar="GBPS", type=float,
+                   help="use this ceiling (GB/s) instead of measuring it")
+    return p
+
+
+def _int_arg(what, lo=1):
+    def conv(s):
+        try:
+            v = int(s, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} takes an integer, not {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {lo}, not {v}")
+        return v
+    return conv
+
+
+def _err(msg) -> int:
+    print(f"copyengine bench: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _check_out(path, what):
+    if path is None:
+        return None
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(d):
+        return f"{what} {path}: directory {d} does not exist"
+    if not os.access(d, os.W_OK):
+        return f"{what} {path}: directory {d} is not writable"
+    if os.path.isdir(path):
+        return f"{what} {path} is a directory"
+    return None
+
+
+def run(args) -> int:
+    """Run the bench for parsed ``args``; returns the exit status (0, 1 or 2)."""
+    from . import report
+    from .runner import BenchError, make_plan, run_bench
+
+    for path, what in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot"),
+                       (getattr(args, "markdown", None), "--markdown")):
+        msg = _check_out(path, what)
+        if msg:
+            return _err(msg)
+    if args.plot:
+        msg = report.plot_available()
+        if msg:
+            return _err(msg)
+    if args.ceiling is not None and not args.ceiling > 0:
+        return _err(f"--ceiling must be a positive number of GB/s, not {args.ceiling}")
+
+    pm = getattr(args, "plugin_manager", None)
+    plugins = getattr(args, "plugins", None) or ()
+    if plugins and pm is None:
+        from ..plugins import make_plugin_manager
+        pm = make_plugin_manager(plugins=list(plugins))
+    try:  # validate everything before the (long) run
+        make_plan(args.page_size, args.counts, args.configs, args.repeat, args.quick, args.warmup, pm=_pm(pm))
+    except BenchError as e:
+        return _err(str(e))
+
+    progress = False if args.no_progress else None
+    try:
+        res = run_bench(page_sizes=args.page_size, counts=args.counts, configs=args.configs,
+                        repeat=args.repeat, quick=args.quick, warmup=args.warmup, progress=progress,
+                        plugin_manager=pm, ceiling=args.ceiling,
+                        log=(lambda m: print(m, file=sys.stderr)) if progress is None and sys.stderr.isatty() else None)
+    except BenchError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        print("copyengine bench: interrupted", file=sys.stderr)
+        return 130
+
+    print(report.format_report(res, spread=not args.no_spread))
+    try:
+        if args.json:
+            report.write_json(res, args.json)
+        if args.csv:
+            report.write_csv(res, args.csv)
+        if getattr(args, "markdown", None):
+            report.write_markdown(res, args.markdown)
+        if args.plot:
+            report.write_plot(res, args.plot)
+    except OSError as e:
+        print(f"copyengine bench: error: cannot write results: {e}", file=sys.stderr)
+        return 1
+    failed = [r for r in res["results"] if not r["verified"] and not r.get("unavailable")]
+    return 1 if failed else 0
+
+
+def _pm(pm):
+    if pm is not None:
+        return pm
+    from ..plugins import get_plugin_manager
+    return get_plugin_manager()
+
+
+def build_parser(prog="copyengine bench"):
+    """A stand-alone parser with the bench's options (and ``-p PLUGIN``)."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-p", dest="plugins", action="append", metavar="MODULE",
+                   help="register this plugin module (dotted name) too; repeatable")
+    add_arguments(p)
+    return p
+
+
+def main(argv=None) -> int:
+    """``python -m copyengine.bench``: parse ``argv`` and run; returns the exit status
+    (argparse's own errors, such as ``--repeat x``, also give 2)."""
+    p = build_parser()
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else 2
+    return run(args)

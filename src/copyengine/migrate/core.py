@@ -509,8 +509,11 @@ class MigrateResult:
         """The outcome for entries that queued ``heads`` through the page ``pfns``."""
         whole = ~self.piece
         hs, rcs = self.heads[whole], self.rc[whole]
-        order = np.argsort(hs, kind="stable")
-        res = rcs[order][np.searchsorted(hs[order], heads)]
+        if len(hs) == len(heads) and np.array_equal(hs, heads):
+            res = rcs.copy()  # outcomes came back in the order queued (no retry reordered them)
+        else:
+            order = np.argsort(hs, kind="stable")
+            res = rcs[order][np.searchsorted(hs[order], heads)]
         split = res == SPLIT
         if split.any():
             ph, prc = self.heads[self.piece], self.rc[self.piece]

@@ -241,10 +241,12 @@ def do_pages_move(target, addrs, nodes, migrate_all) -> MovePagesResult:
                     dup = np.zeros(len(c), bool)
                     if q.any():  # a folio already queued: isolation fails, -EBUSY
                         qi = np.nonzero(q)[0]
-                        _, first = np.unique(h[qi], return_index=True)
-                        d = np.ones(len(qi), bool)
-                        d[first] = False
-                        dup[qi[d]] = True
+                        hq = h[qi]
+                        if len(hq) > 1 and not (hq[1:] > hq[:-1]).all():  # else all distinct
+                            _, first = np.unique(hq, return_index=True)
+                            d = np.ones(len(qi), bool)
+                            d[first] = False
+                            dup[qi[d]] = True
                     stop = np.nonzero(~q | dup)[0]
                     k = int(stop[0]) if len(stop) else len(c)
                     if k:

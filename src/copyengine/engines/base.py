@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import EHWPOISON, EngineUnavailable
+from .memops import copy_spans
 
 #: result value of a folio an asynchronous engine has not completed (yet)
 PENDING = -errno.EINPROGRESS
@@ -132,31 +133,34 @@ class Engine:
 
 
 def copy_descriptors(mem, src_off, dst_off, nbytes, sel=None):
-    """Copy descriptors (all, or the indices ``sel``) with slice copies, uint64 where aligned."""
-    mem64 = mem.view(np.uint64)
-    idx = range(len(src_off)) if sel is None else sel
-    for i in idx:
-        s, d, n = int(src_off[i]), int(dst_off[i]), int(nbytes[i])
-        if not ((s | d | n) & 7):
-            mem64[d >> 3:(d + n) >> 3] = mem64[s >> 3:(s + n) >> 3]
-        else:
-            mem[d:d + n] = mem[s:s + n]
+    """Copy descriptors (all, or the indices ``sel``) in compiled code, merging runs that
+    are contiguous in source and destination. ValueError for one outside memory."""
+    n = len(src_off)
+    take = np.ones(n, np.bool_)
+    if sel is not None:
+        take[:] = False
+        take[np.asarray(list(sel) if not isinstance(sel, np.ndarray) else sel, dtype=np.int64)] = True
+    _copy(mem, src_off, dst_off, nbytes, take)
+
+
+def _copy(mem, src_off, dst_off, nbytes, take):
+    rc = copy_spans(mem, np.ascontiguousarray(src_off, np.int64), np.ascontiguousarray(dst_off, np.int64),
+                    np.ascontiguousarray(nbytes, np.int64), take)
+    if rc < 0:
+        raise ValueError(f"descriptor {-rc - 1} lies outside physical memory")
 
 
 def folio_mc_copy(job: CopyJob, folios) -> np.ndarray:
     """mm/util.c folio_mc_copy for the given folios of a job: -EHWPOISON, never reading
-    a poisoned source, else copy every descriptor of the folio. Returns their statuses."""
+    a poisoned source, else copy every descriptor of the folio (contiguous runs of
+    several folios in one go). Returns their statuses."""
     folios = np.asarray(folios, dtype=np.int64)
     status = np.where(job.src_poisoned[folios], -EHWPOISON, 0).astype(np.int32)
     ok = folios[status == 0]
     if len(ok):
-        if len(ok) == job.nr_folios:
-            sel = None
-        else:
-            want = np.zeros(job.nr_folios, bool)
-            want[ok] = True
-            sel = np.nonzero(want[job.folio])[0]
-        copy_descriptors(job.mem, job.src_off, job.dst_off, job.nbytes, sel)
+        want = np.zeros(job.nr_folios, np.bool_)
+        want[ok] = True
+        _copy(job.mem, job.src_off, job.dst_off, job.nbytes, want[job.folio])
     return status
 
 

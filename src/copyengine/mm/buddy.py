@@ -193,7 +193,9 @@ class BuddyAllocator:
             got = rmqueue_bulk(node, count, self._out, self.max_order, *self.lists())
         else:
             got = alloc_blocks(node, order, count, self._out, self.max_order, *self.lists())
-        return self._out[:got].copy()
+        # Address order: a batch's destinations then line up with its sources (which
+        # faults allocate in address order), so contiguous runs copy as one span.
+        return np.sort(self._out[:got])
 
     def alloc_exact(self, node: int, order: int, count: int) -> np.ndarray:
         """``count`` blocks or none: ENOMEM (everything handed back) when the node cannot."""

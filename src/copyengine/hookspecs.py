@@ -1,11 +1,86 @@
 """Hook specifications: the contract between copyengine and its plugins.
 
-A plugin is any object or module with functions marked ``@copyengine.hookimpl`` whose
-names match the specifications below. Built-in engines are plugins like any other: they
-live in :mod:`copyengine.engines` and register through these same hooks. Third-party
-packages announce theirs through the entry-point group ``copyengine``.
+This module is the engine author's manual. A plugin is any module, class or object with
+functions marked ``@copyengine.hookimpl`` whose names match the specifications below.
+Built-in engines are plugins like any other (:mod:`copyengine.engines.serial`,
+:mod:`copyengine.engines.mt`) and register through these same hooks.
 
-Every hook receives keyword arguments; an implementation may accept any subset of them.
+Writing a plugin
+================
+
+A minimal engine plugin (``mydma/plugin.py``)::
+
+    import numpy as np
+    import copyengine
+    from copyengine.engines import Capabilities, Engine, folio_mc_copy
+
+    class MyEngine(Engine):
+        capabilities = Capabilities(threads=1, mc_safe=True)
+
+        def copy(self, job):                         # job: copyengine.engines.CopyJob
+            return folio_mc_copy(job, np.arange(job.nr_folios))   # one int32 per folio
+
+    @copyengine.hookimpl
+    def copyengine_register_engines(register):
+        register("mydma", lambda arg, machine: MyEngine(), "my DMA engine")
+
+and its announcement in ``pyproject.toml``::
+
+    [project.entry-points.copyengine]
+    mydma = "mydma.plugin"
+
+After ``pip install``, ``copyengine engines`` lists ``mydma`` and ``Machine.set_engine("mydma")``
+selects it. Check it with the conformance kit (:mod:`copyengine.testing`)::
+
+    from copyengine.testing import EngineConformance
+    class TestMyDma(EngineConformance):
+        engine_spec = "mydma"
+
+Loading rules (see :mod:`copyengine.plugins`): built-ins first, then entry points sorted by
+name; ``COPYENGINE_PLUGINS`` allow-lists entry points, ``COPYENGINE_DISABLE_PLUGINS``
+blocks plugins by name, ``COPYENGINE_TRACE_HOOKS=1`` traces every hook call to stderr. A
+plugin that fails to import, implements an unknown ``copyengine_*`` hook, or raises in
+``copyengine_register_engines`` is left out and listed by ``copyengine engines`` as failed.
+
+Calling conventions
+===================
+
+* Every hook is called with keyword arguments; an implementation may accept any subset of
+  them (pluggy passes only the names it declares), and new arguments may be added later.
+* ``firstresult`` hooks stop at the first implementation returning something other than
+  None. Implementations run last-registered first (so third-party plugins run before the
+  built-ins); ``@hookimpl(tryfirst=True)`` / ``trylast=True`` change the order.
+* To observe or alter another implementation's result, write a wrapper::
+
+      @copyengine.hookimpl(wrapper=True)
+      def copyengine_batch_copy(machine, engine, job):
+          t0 = time.perf_counter()
+          result = yield              # the result of the implementations below
+          stats.append(time.perf_counter() - t0)
+          return result
+
+  (old-style ``hookwrapper=True`` works too.)
+* Hooks may be called from several threads at once (concurrent migrations); keep plugin
+  state thread-safe.
+
+The engine protocol
+===================
+
+See :mod:`copyengine.engines.base` for the classes. In short: an :class:`~copyengine.engines.Engine`
+has ``capabilities`` (a :class:`~copyengine.engines.Capabilities`) and either ``copy(job)``
+(synchronous: return the per-folio int32 result) or ``submit(job)`` (asynchronous: return a
+:class:`~copyengine.engines.Completion` that fills ``result`` as folios finish, in any
+order, and calls ``finish()`` once all have an outcome). A job's arrays are read-only to
+the engine; it may write only the bytes its descriptors name as destinations.
+
+Results: 0 when every byte of the folio was copied, else a negative errno. The framework
+copies every folio not reported 0 again with ``folio_mc_copy``, so declining a folio (say,
+``-EOPNOTSUPP``) is always safe. Poisoned sources (``job.src_poisoned[f]``): a
+machine-check-safe engine (``capabilities.mc_safe``) never reads the folio and reports
+``-EHWPOISON``; an engine that is not mc-safe reports ``-EIO`` (it may have written
+garbage to that destination) and the framework's ``folio_mc_copy`` then reports
+-EHWPOISON. An asynchronous engine must honour ``Completion.cancel()``: once it returns,
+nothing writes any more (destinations may already be freed).
 """
 from __future__ import annotations
 
@@ -17,24 +92,39 @@ hookimpl = pluggy.HookimplMarker("copyengine")
 
 @hookspec
 def copyengine_register_engines(register):
-    """Register copy engines.
+    """Register copy engines. Called whenever the engine registry is built (when a
+    machine selects an engine, when ``copyengine engines`` lists them): keep it cheap and
+    free of side effects; probe hardware in the factory, not here.
 
-    Call ``register(name, factory, description="")`` once per engine. ``name`` is the spec
-    prefix (``"mt"`` for ``"mt:4"``); ``factory(arg, machine)`` receives the text after the
-    colon (or None) and the machine, and returns an :class:`copyengine.engines.Engine`. It
-    raises ValueError for a bad argument and :class:`copyengine.EngineUnavailable` when
-    the engine cannot run here (say why). Names never contain ``:`` or ``,``.
+    :param register: ``register(name, factory, description="")``, called once per engine.
+
+        * ``name`` is the spec prefix (``"mt"`` for ``"mt:4"``): a non-empty string without
+          ``:``, ``,`` or spaces. The first plugin to register a name wins (built-ins come
+          first); a later claim is ignored and reported as a conflict.
+        * ``factory(arg, machine)`` receives the text after the colon (``"4"`` for
+          ``"mt:4"``, or None for ``"mt"``) and the :class:`copyengine.Machine`, and returns
+          a new :class:`copyengine.engines.Engine`. It raises ``ValueError`` for a bad
+          argument (naming the accepted ones) and :class:`copyengine.EngineUnavailable`
+          when the engine cannot run here (say why: no device, missing library...). It is
+          also called with ``arg=None`` on a tiny machine to list availability, so it
+          should not start expensive work until the first copy.
+        * ``description`` is one line for ``copyengine engines``.
+
+    If this hook raises, the whole plugin is left out and listed as failed.
     """
 
 
 @hookspec(firstresult=True)
 def copyengine_select_engine(machine, batch, engine):
-    """Choose the engine for one batch copy (policy plugins).
+    """Choose the engine for one batch copy (policy plugins such as ``auto``).
 
-    ``batch`` is a :class:`copyengine.migrate.BatchInfo` (folio count, bytes, orders);
-    ``engine`` is the machine's configured engine. Return an Engine to use instead, or
-    None to let the next implementation (and finally the configured engine) decide.
-    The first non-None result wins.
+    :param machine: the :class:`copyengine.Machine` migrating.
+    :param batch: a :class:`copyengine.migrate.BatchInfo` (folio count, bytes, orders).
+    :param engine: the machine's configured :class:`~copyengine.engines.Engine`.
+    :return: an Engine to use for this batch instead, or None to let the next
+        implementation (and finally the configured engine) decide. The first non-None
+        result wins. Return an engine you keep (and close) yourself; the framework does
+        not close engines returned here.
     """
 
 
@@ -42,11 +132,20 @@ def copyengine_select_engine(machine, batch, engine):
 def copyengine_batch_copy(machine, engine, job):
     """Copy one batch: return an int32 array with one entry per folio (0 or -errno).
 
-    The built-in implementation runs ``engine`` on ``job`` (a
-    :class:`copyengine.engines.CopyJob`), synchronously or through its asynchronous
-    completion with the machine's ``copy_timeout``. Wrap it (``@hookimpl(wrapper=True)``)
-    to trace, count, inject faults or fall back; return a result early to replace the
-    engine. Folios not reported 0 are copied again with ``folio_mc_copy``.
+    The migration state machine calls this once per batch, after every folio's metadata
+    moved (MIGRATE_NO_COPY), then copies every folio not reported 0 again with
+    ``folio_mc_copy`` (-EHWPOISON undoes the folio).
+
+    :param machine: the :class:`copyengine.Machine`.
+    :param engine: the engine chosen for this batch (see ``copyengine_select_engine``).
+    :param job: a :class:`copyengine.engines.CopyJob` (descriptors over ``machine.mem``).
+    :return: int32 array of ``job.nr_folios`` entries.
+
+    The built-in implementation (plugin ``core``, ``trylast``) runs ``engine.copy(job)``,
+    or for an asynchronous engine ``submit``, then ``wait`` with the machine's
+    ``copy_timeout`` setting, and on timeout ``cancel`` (folios not done report
+    ``-ETIMEDOUT``). Wrap it (``@hookimpl(wrapper=True)``) to trace, count, inject faults
+    or fall back; return a result from a plain implementation to replace the engine.
     """
 
 
@@ -54,10 +153,12 @@ def copyengine_batch_copy(machine, engine, job):
 def copyengine_alloc_frames(machine, node, order, count):
     """Allocate ``count`` folios of ``order`` on ``node``: return an int64 array of head pfns.
 
-    Returning fewer than ``count`` means the node could not supply them (ENOMEM); the
-    caller frees what it got. The built-in implementation is the buddy allocator; a
-    fault-injection plugin returns an empty array (or fewer heads) to make allocation fail
-    without touching the allocator.
+    :return: the head pfns; fewer than ``count`` means the node could not supply them
+        (ENOMEM) and the caller frees what it got. None lets the next implementation
+        decide (the built-in buddy allocator comes last).
+
+    A fault-injection plugin returns an empty array (or fewer heads) to make allocation
+    fail without touching the allocator.
     """
 
 
@@ -65,6 +166,7 @@ def copyengine_alloc_frames(machine, node, order, count):
 def copyengine_migration_event(machine, event, info):
     """Observe migration, like a tracepoint. Return values are ignored.
 
-    ``event`` is one of ``"batch_start"``, ``"batch_copy"``, ``"batch_end"``,
-    ``"folio_fail"``; ``info`` is a dict whose arrays must not be modified.
+    :param event: one of ``"batch_start"``, ``"batch_copy"``, ``"batch_end"``,
+        ``"folio_fail"``, ``"engine_error"`` (an engine raised: the CPU copied the batch).
+    :param info: a dict of details; its arrays must not be modified (copy what you keep).
     """

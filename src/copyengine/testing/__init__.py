@@ -1,0 +1,22 @@
+"""Testing helpers for copyengine and for engine authors.
+
+* :class:`EngineConformance` / :func:`check_engine` — the engine conformance kit
+  (:mod:`copyengine.testing.conformance`)::
+
+      from copyengine.testing import EngineConformance
+
+      class TestMyEngine(EngineConformance):
+          engine_spec = "mydma:2"
+
+* :mod:`copyengine.testing.engines` — a plugin (not registered by default) with the
+  ``nocopy`` engine (measures framework overhead) and fault-injecting engines
+  (``eio``, ``ooo``, ``hang``). Register it with
+  ``make_plugin_manager(plugins=[copyengine.testing.engines])``.
+
+Importing this package needs hypothesis (``pip install copyengine[test]``).
+"""
+from . import engines
+from .conformance import CHECKS, ConformanceError, EngineConformance, Layout, check_engine, layouts
+
+__all__ = ["CHECKS", "ConformanceError", "EngineConformance", "Layout", "check_engine",
+           "engines", "layouts"]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import EHWPOISON, EngineUnavailable
-from .memops import copy_spans
+from .memops import NT_BYTES, copy_spans
 
 #: result value of a folio an asynchronous engine has not completed (yet)
 PENDING = -errno.EINPROGRESS
@@ -144,8 +144,10 @@ def copy_descriptors(mem, src_off, dst_off, nbytes, sel=None):
 
 
 def _copy(mem, src_off, dst_off, nbytes, take):
+    nbytes = np.ascontiguousarray(nbytes, np.int64)
+    nt = int(nbytes[take].sum()) >= NT_BYTES  # too big to stay cached: bypass the caches
     rc = copy_spans(mem, np.ascontiguousarray(src_off, np.int64), np.ascontiguousarray(dst_off, np.int64),
-                    np.ascontiguousarray(nbytes, np.int64), take)
+                    nbytes, take, nt)
     if rc < 0:
         raise ValueError(f"descriptor {-rc - 1} lies outside physical memory")
 

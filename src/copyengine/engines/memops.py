@@ -1,15 +1,19 @@
 """Compiled memory copies over physical memory, shared by the CPU engines.
 
-``memmove`` is libc's memmove on two offsets of one array (the fastest copy the host has;
-glibc switches to non-temporal stores for very large spans). ``copy_spans`` is the body of
+``memmove`` is libc's memmove on two offsets of one array (the fastest copy the host has);
+``copy`` adds non-temporal stores (the seed's TODO 4) for data that cannot stay cached. ``copy_spans`` is the body of
 a batched ``folio_mc_copy``: the chosen descriptors, with neighbours that are contiguous
 on both sides merged into one span, as a DMA engine's coalescing would.
 """
 from __future__ import annotations
 
+from llvmlite import ir
 from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
+
+#: a batch this large cannot stay in the caches: copy it with non-temporal stores
+NT_BYTES = 16 << 20
 
 
 @intrinsic
@@ -27,11 +31,65 @@ def memmove(typingctx, mem, dst, src, nbytes):
     return sig, codegen
 
 
+@intrinsic
+def copy_nt32(typingctx, mem, dst, src, nblocks):
+    """``nblocks`` x 32 bytes from mem+src to mem+dst (32-byte aligned) with non-temporal
+    stores (they bypass the caches: MOVNTDQ on x86), then a fence so that they are
+    globally visible before the caller reports the folio done."""
+    sig = types.void(mem, dst, src, nblocks)
+
+    def codegen(context, builder, signature, args):
+        arr, d, s, n = args
+        base = context.make_array(signature.args[0])(context, builder, arr).data
+        base = builder.bitcast(base, cgutils.voidptr_t)
+        vec = ir.VectorType(ir.IntType(64), 4)
+        hint = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+        with cgutils.for_range(builder, n) as loop:
+            off = builder.mul(loop.index, ir.Constant(n.type, 32))
+            sp = builder.bitcast(builder.gep(base, [builder.add(s, off)]), vec.as_pointer())
+            dp = builder.bitcast(builder.gep(base, [builder.add(d, off)]), vec.as_pointer())
+            store = builder.store(builder.load(sp, align=1), dp, align=32)
+            store.set_metadata("nontemporal", hint)
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def address(typingctx, mem):
+    """The address of ``mem``'s first byte."""
+    sig = types.int64(mem)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, ir.IntType(64))
+
+    return sig, codegen
+
+
 @njit(cache=True, nogil=True)
-def copy_spans(mem, src_off, dst_off, nbytes, take):
+def copy(mem, d, s, n, nt):
+    """Copy n bytes; with ``nt`` (and no overlap) the 32-byte-aligned middle bypasses
+    the caches."""
+    if not nt or n < 256 or abs(d - s) < n:
+        memmove(mem, d, s, n)
+        return
+    head = (-(address(mem) + d)) & 31
+    if head:
+        memmove(mem, d, s, head)
+    blocks = (n - head) >> 5
+    copy_nt32(mem, d + head, s + head, blocks)
+    done = head + (blocks << 5)
+    if done < n:
+        memmove(mem, d + done, s + done, n - done)
+
+
+@njit(cache=True, nogil=True)
+def copy_spans(mem, src_off, dst_off, nbytes, take, nt):
     """Copy every descriptor i with ``take[i]``, merging neighbours contiguous in both
-    source and destination into one span. Returns 0, or -(i + 1) (having copied nothing)
-    if descriptor i lies outside memory."""
+    source and destination into one span (with non-temporal stores if ``nt``). Returns
+    0, or -(i + 1) (having copied nothing) if descriptor i lies outside memory."""
     size = mem.shape[0]
     n = src_off.shape[0]
     for i in range(n):
@@ -49,6 +107,6 @@ def copy_spans(mem, src_off, dst_off, nbytes, take):
         while j < n and take[j] and src_off[j] == s + length and dst_off[j] == d + length:
             length += nbytes[j]
             j += 1
-        memmove(mem, d, s, length)
+        copy(mem, d, s, length, nt)
         i = j
     return 0

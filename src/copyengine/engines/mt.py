@@ -53,88 +53,15 @@ import re
 import threading
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange
-from numba.core import cgutils, types
-from numba.extending import intrinsic
 
 from ..errors import EHWPOISON, EngineUnavailable
 from ..hookspecs import hookimpl
 from .base import Capabilities, Engine
+from .memops import NT_BYTES
+from .memops import copy as _copy
 
 CACHE_LINE = 64
-#: a batch of at least this many bytes is copied with non-temporal stores (it does not fit
-#: the caches anyway; glibc's memcpy makes the same choice above ~3/4 of the shared cache)
-NT_BYTES = 16 << 20
-
-
-@intrinsic
-def _memmove(typingctx, mem, dst, src, nbytes):
-    """memmove(mem + dst, mem + src, nbytes) with no bounds check: callers validate."""
-    sig = types.void(mem, dst, src, nbytes)
-
-    def codegen(context, builder, signature, args):
-        arr, d, s, n = args
-        base = context.make_array(signature.args[0])(context, builder, arr).data
-        base = builder.bitcast(base, cgutils.voidptr_t)
-        cgutils.raw_memmove(builder, builder.gep(base, [d]), builder.gep(base, [s]), n, 1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _copy_nt32(typingctx, mem, dst, src, nblocks):
-    """``nblocks`` x 32 bytes from mem+src to mem+dst (32-byte aligned) with non-temporal
-    stores (they bypass the caches: MOVNTDQ on x86), then a fence so that they are
-    globally visible before the caller reports the folio done."""
-    sig = types.void(mem, dst, src, nblocks)
-
-    def codegen(context, builder, signature, args):
-        arr, d, s, n = args
-        base = context.make_array(signature.args[0])(context, builder, arr).data
-        base = builder.bitcast(base, cgutils.voidptr_t)
-        vec = ir.VectorType(ir.IntType(64), 4)
-        hint = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-        with cgutils.for_range(builder, n) as loop:
-            off = builder.mul(loop.index, ir.Constant(n.type, 32))
-            sp = builder.bitcast(builder.gep(base, [builder.add(s, off)]), vec.as_pointer())
-            dp = builder.bitcast(builder.gep(base, [builder.add(d, off)]), vec.as_pointer())
-            store = builder.store(builder.load(sp, align=1), dp, align=32)
-            store.set_metadata("nontemporal", hint)
-        builder.fence("seq_cst")
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _address(typingctx, mem):
-    """The address of ``mem``'s first byte."""
-    sig = types.int64(mem)
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.ptrtoint(data, ir.IntType(64))
-
-    return sig, codegen
-
-
-@njit(cache=True, nogil=True)
-def _copy(mem, d, s, n, nt):
-    """Copy n bytes; with ``nt`` (and no overlap) the 32-byte-aligned middle bypasses
-    the caches."""
-    if not nt or n < 256 or abs(d - s) < n:
-        _memmove(mem, d, s, n)
-        return
-    head = (-(_address(mem) + d)) & 31
-    if head:
-        _memmove(mem, d, s, head)
-    blocks = (n - head) >> 5
-    _copy_nt32(mem, d + head, s + head, blocks)
-    done = head + (blocks << 5)
-    if done < n:
-        _memmove(mem, d + done, s + done, n - done)
 
 
 @njit(cache=True, nogil=True)

@@ -305,16 +305,11 @@ def migrate_pages(caller, pid, old_nodes, new_nodes) -> int:
 
 
 def _node_mask(m, nodes, what):
-    if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
-        raise TypeError(f"{what} must be an iterable of ints, not {type(nodes).__name__}")
-    out = set()
-    for n in nodes:
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-            raise TypeError(f"{what} holds {n!r}, not an int")
-        if not 0 <= n < m.nodes:
-            raise oserror(errno.EINVAL, f"{what} names node {n}; nodes are 0..{m.nodes - 1}")
-        out.add(int(n))
-    return frozenset(out)
+    """Machine.node_set's checks, with EINVAL (as get_nodes gives) for a bad node id."""
+    try:
+        return m.node_set(nodes, what)
+    except ValueError as e:
+        raise oserror(errno.EINVAL, str(e)) from None
 
 
 def do_migrate_pages(target, old, new, move_all) -> int:

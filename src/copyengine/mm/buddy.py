@@ -49,17 +49,26 @@ def _init_node(node, base, nblocks, max_order, nxt, prv, free_order, free_head, 
 
 
 @njit(cache=True, nogil=True)
+def _pop_smallest(node, order, max_order, nxt, prv, free_order, free_head, nr_free):
+    """Take the smallest free block of at least ``order``: (head, its order), or (-1, -1)."""
+    k = order
+    while k <= max_order and free_head[node, k] < 0:
+        k += 1
+    if k > max_order:
+        return -1, -1
+    pfn = free_head[node, k]
+    _list_del(pfn, k, node, nxt, prv, free_order, free_head, nr_free)
+    return pfn, k
+
+
+@njit(cache=True, nogil=True)
 def alloc_blocks(node, order, count, out, max_order, nxt, prv, free_order, free_head, nr_free):
     """__rmqueue_smallest + expand, ``count`` times; returns how many blocks were found."""
     got = 0
     while got < count:
-        k = order
-        while k <= max_order and free_head[node, k] < 0:
-            k += 1
-        if k > max_order:
+        pfn, k = _pop_smallest(node, order, max_order, nxt, prv, free_order, free_head, nr_free)
+        if pfn < 0:
             break
-        pfn = free_head[node, k]
-        _list_del(pfn, k, node, nxt, prv, free_order, free_head, nr_free)
         while k > order:  # expand(): the upper halves go back on the free lists
             k -= 1
             _list_add(pfn + (1 << k), k, node, nxt, prv, free_order, free_head, nr_free)
@@ -75,13 +84,9 @@ def rmqueue_bulk(node, count, out, max_order, nxt, prv, free_order, free_head, n
     split, its tail going back as aligned blocks. Returns how many pages were found."""
     got = 0
     while got < count:
-        k = 0
-        while k <= max_order and free_head[node, k] < 0:
-            k += 1
-        if k > max_order:
+        pfn, k = _pop_smallest(node, 0, max_order, nxt, prv, free_order, free_head, nr_free)
+        if pfn < 0:
             break
-        pfn = free_head[node, k]
-        _list_del(pfn, k, node, nxt, prv, free_order, free_head, nr_free)
         n = 1 << k
         take = min(n, count - got)
         for j in range(take):

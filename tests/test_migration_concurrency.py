@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 import copyengine as ce
-from copyengine.mm.memmap import PG_allocated, PG_head, PG_hwpoison, PG_isolated, PG_locked, PG_swapbacked
-from copyengine.mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
+from copyengine.testing.invariants import check_machine
 
 PS = 4096
 MiB = 1 << 20
@@ -29,35 +28,6 @@ JOIN = 20.0        # seconds a thread may take to notice it should stop
 
 def pattern(n, seed=0):
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-def check_consistent(m):
-    """No migration entries, nothing locked or isolated, map counts equal to the PTEs
-    mapping each page, references equal to map counts + pins + the page cache's, and
-    every frame either allocated, free, or poisoned."""
-    mm = m.mem_map
-    with m.lock:
-        maps = np.zeros(m.total_frames, np.int64)
-        for p in m.processes.values():
-            for v in p.vmas:
-                assert not (v.ptes & PTE_MIGRATION).any()
-                pf = pte_pfn(v.ptes[(v.ptes & PTE_PRESENT) != 0])
-                np.add.at(maps, pf[pf != m.zero_pfn], 1)
-        alloc = (mm.flags & PG_allocated) != 0
-        alloc[m.zero_pfn] = False
-        assert np.array_equal(maps[alloc], mm.mapcount[alloc])
-        assert not maps[~alloc].any()
-        heads = np.nonzero(alloc & ((mm.flags & PG_head) != 0))[0]
-        assert not (mm.flags[heads] & (PG_locked | PG_isolated)).any()
-        fol = np.zeros(m.total_frames, np.int64)
-        np.add.at(fol, mm.head[np.nonzero(alloc)[0]], mm.mapcount[alloc])
-        cache = ((mm.flags[heads] & PG_swapbacked) != 0).astype(np.int64)
-        assert np.array_equal(mm.refcount[heads], fol[heads] + mm.pincount[heads] + cache)
-        unalloc = (mm.flags & PG_allocated) == 0
-        assert not mm.refcount[unalloc].any() and not mm.pincount[unalloc].any()
-        assert (mm.refcount >= 0).all() and (mm.pincount >= 0).all() and (mm.mapcount >= 0).all()
-        poisoned_free = np.count_nonzero(((mm.flags & PG_hwpoison) != 0) & ~((mm.flags & PG_allocated) != 0))
-        assert np.count_nonzero(mm.flags & PG_allocated) + m.free_pages() + poisoned_free == m.total_frames
 
 
 class Threads:
@@ -191,14 +161,14 @@ def test_ping_pong_with_writers(kind, sharing):
                     assert got == w.expect
                 else:
                     assert got == init[i * part:(i + 1) * part]
-        check_consistent(m)
+        check_machine(m)
         # one more round trip with everything quiet, then no leak
         for q in procs:
             r = p.move_pages(q.pid, pages, [1] * len(pages), flags=flags)
             assert r.status == [1] * len(pages)
         for q in procs:
             q.exit()
-        check_consistent(m)
+        check_machine(m)
         assert [m.free_pages(n) for n in range(2)] == free0
 
 
@@ -247,10 +217,10 @@ def test_munmap_races_migration(folio):
             time.sleep(0.002)
             th.join()
             assert out, "the mover never completed a call"
-            check_consistent(m)
+            check_machine(m)
             rounds += 1
         p.exit()
-        check_consistent(m)
+        check_machine(m)
         assert [m.free_pages(n) for n in range(2)] == free0
 
 
@@ -282,9 +252,9 @@ def test_fork_races_migration():
             th.join()
         assert out
         assert p.read(a, size) == data and p.read(b, 2 * MiB) == bdata
-        check_consistent(m)
+        check_machine(m)
         p.exit()
-        check_consistent(m)
+        check_machine(m)
         assert [m.free_pages(n) for n in range(2)] == free0
 
 
@@ -312,9 +282,9 @@ def test_exit_races_migration(folio):
             assert not th.threads[0].is_alive()
             th.join()
             assert out and out[-1] == "esrch"
-            check_consistent(m)
+            check_machine(m)
             rounds += 1
-        check_consistent(m)
+        check_machine(m)
         assert [m.free_pages(n) for n in range(2)] == free0
 
 
@@ -358,9 +328,9 @@ def test_two_migrators_same_process(folio):
         for w in writers:
             assert w.iterations > 0
             w.verify()
-        check_consistent(m)
+        check_machine(m)
         p.exit()
-        check_consistent(m)
+        check_machine(m)
         assert [m.free_pages(n) for n in range(2)] == free0
 
 
@@ -402,6 +372,6 @@ def test_migrate_pages_races_move_pages():
         assert counts
         writers[0].verify()
         assert p.read(b, 2 * MiB) == bdata
-        check_consistent(m)
+        check_machine(m)
         p.exit()
         assert [m.free_pages(n) for n in range(2)] == free0

@@ -14,15 +14,13 @@ from hypothesis import given, strategies as st
 
 import copyengine as ce
 from copyengine.engines import Capabilities, Completion, Engine, copy_descriptors, folio_mc_copy
-from copyengine.mm.memmap import (PG_allocated, PG_anon, PG_head, PG_hwpoison, PG_isolated,
-                                  PG_locked, PG_swapbacked)
-from copyengine.mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
+from copyengine.mm.memmap import PG_hwpoison
 from copyengine.plugins import make_plugin_manager
+from copyengine.testing.invariants import PageWatch, check_machine
 
 PS = 4096
 MiB = 1 << 20
 EBUSY, ENOMEM, EHWPOISON = errno.EBUSY, errno.ENOMEM, ce.EHWPOISON
-FOLIO_FLAGS = PG_anon | PG_swapbacked | PG_head | PG_hwpoison | PG_allocated
 
 
 def pattern(n, seed=0):
@@ -195,89 +193,6 @@ def env():
         yield m, plug
 
 
-# ----------------------------------------------------------------------------- checking
-class Watch:
-    """What a set of (process, address) entries looked like before a call."""
-
-    def __init__(self, m, entries):
-        self.m = m
-        mm = m.mem_map
-        self.entries = entries
-        self.pfn = [p.pfn_of(a) for p, a in entries]
-        self.free = [m.free_pages(n) for n in range(m.nodes)]
-        heads = mm.head[self.pfn]
-        self.head = heads.tolist()
-        self.order = mm.order[heads].tolist()
-        self.ref = mm.refcount[heads].tolist()
-        self.pin = mm.pincount[heads].tolist()
-        self.map = mm.mapcount[self.pfn].tolist()
-        self.flags = (mm.flags[self.pfn] & FOLIO_FLAGS).tolist()
-        self.hflags = (mm.flags[heads] & FOLIO_FLAGS).tolist()
-
-    def check(self, failed, moved, target):
-        """``failed``/``moved``: indices into entries. Failed entries are exactly as
-        before; moved ones sit on ``target`` with the same references and map counts."""
-        m = self.m
-        mm = m.mem_map
-        for i in failed:
-            p, a = self.entries[i]
-            pf = p.pfn_of(a)
-            assert pf == self.pfn[i], f"entry {i}: pfn changed on failure"
-            h = mm.head[pf]
-            assert h == self.head[i] and mm.order[h] == self.order[i]
-            assert (mm.refcount[h], mm.pincount[h], mm.mapcount[pf]) == (self.ref[i], self.pin[i], self.map[i])
-            assert mm.flags[pf] & FOLIO_FLAGS == self.flags[i]
-            assert mm.flags[h] & FOLIO_FLAGS == self.hflags[i]
-            assert not mm.flags[h] & (PG_locked | PG_isolated)
-        for i in moved:
-            p, a = self.entries[i]
-            pf = p.pfn_of(a)
-            assert pf != self.pfn[i] and pf // m.frames_per_node == target
-            h = mm.head[pf]
-            assert pf - h == self.pfn[i] - self.head[i] and mm.order[h] == self.order[i]
-            assert (mm.refcount[h], mm.pincount[h], mm.mapcount[pf]) == (self.ref[i], self.pin[i], self.map[i])
-            assert mm.flags[h] & FOLIO_FLAGS == self.hflags[i]
-            assert not mm.flags[h] & (PG_locked | PG_isolated)
-            old = self.pfn[i]
-            assert m.buddy.is_free(old) or mm.flags[old] & PG_hwpoison   # the source was freed
-
-
-def moved_pages(watch, moved):
-    seen = {}
-    for i in moved:
-        seen[watch.head[i]] = 1 << watch.order[i]
-    return sum(seen.values())
-
-
-def check_consistent(m):
-    """Global invariants: no migration entries, nothing locked or isolated, every mapped
-    frame allocated, map counts equal to the PTEs that map each page, references equal to
-    map counts plus pins plus the page cache's, and every frame accounted for."""
-    mm = m.mem_map
-    maps = np.zeros(m.total_frames, np.int64)
-    for p in m.processes.values():
-        for v in p.vmas:
-            assert not (v.ptes & PTE_MIGRATION).any()
-            pf = pte_pfn(v.ptes[(v.ptes & PTE_PRESENT) != 0])
-            pf = pf[pf != m.zero_pfn]
-            np.add.at(maps, pf, 1)
-    alloc = (mm.flags & PG_allocated) != 0
-    alloc[m.zero_pfn] = False
-    assert np.array_equal(maps[alloc], mm.mapcount[alloc])
-    assert not maps[~alloc].any()
-    heads = np.nonzero(alloc & ((mm.flags & PG_head) != 0))[0]
-    assert not (mm.flags[heads] & (PG_locked | PG_isolated)).any()
-    fol_maps = np.zeros(m.total_frames, np.int64)
-    np.add.at(fol_maps, mm.head[np.nonzero(alloc)[0]], mm.mapcount[alloc])
-    cache = ((mm.flags[heads] & PG_swapbacked) != 0).astype(np.int64)
-    assert np.array_equal(mm.refcount[heads], fol_maps[heads] + mm.pincount[heads] + cache)
-    unalloc = (mm.flags & PG_allocated) == 0
-    assert not mm.refcount[unalloc].any() and not mm.pincount[unalloc].any()
-    assert (mm.refcount >= 0).all() and (mm.pincount >= 0).all() and (mm.mapcount >= 0).all()
-    free_poisoned = np.count_nonzero(((mm.flags & PG_hwpoison) != 0) & ~((mm.flags & PG_allocated) != 0))
-    assert int(np.count_nonzero(mm.flags & PG_allocated)) + m.free_pages() + free_poisoned == m.total_frames
-
-
 # ----------------------------------------------------------------------------- workloads
 class Load:
     """Private 4 KiB pages, two 2 MiB folios, and shared memory mapped by parent and child."""
@@ -324,7 +239,7 @@ def test_undo_pinned(env):
     w = Load(m)
     pins = [w.p.pin(w.a + 3 * PS, PS), w.p.pin(w.big + 2 * MiB + 5, 1), w.c.pin(w.sh + 2 * PS, PS)]
     ent = w.entries()
-    watch = Watch(m, ent)
+    watch = PageWatch(m, ent)
     r = w.move(1)
     failed = [3, w.n + 1, w.n + 2 + 2]
     assert r.ret == 3
@@ -332,18 +247,18 @@ def test_undo_pinned(env):
     assert all(r.status[i] == -EBUSY for i in failed)
     moved = [i for i in range(len(ent)) if i not in failed]
     watch.check(failed, moved, 1)
-    np_moved = moved_pages(watch, moved)
+    np_moved = watch.moved_pages(moved)
     assert [m.free_pages(0), m.free_pages(1)] == [watch.free[0] + np_moved, watch.free[1] - np_moved]
     # the shared page is still shared and the same in both processes
     assert w.c.pfn_of(w.sh + 2 * PS) == w.p.pfn_of(w.sh + 2 * PS)
     w.intact()
-    check_consistent(m)
+    check_machine(m)
     for pin in pins:
         pin.release()
     r = w.move(1)
     assert r.ret == 0 and all(s == 1 for s in r.status)
     w.intact()
-    check_consistent(m)
+    check_machine(m)
 
 
 def test_undo_hwpoison(env):
@@ -353,7 +268,7 @@ def test_undo_hwpoison(env):
     m.hwpoison(w.p.pfn_of(w.big + 100 * PS))
     m.hwpoison(w.p.pfn_of(w.sh + 6 * PS))
     ent = w.entries()
-    watch = Watch(m, ent)
+    watch = PageWatch(m, ent)
     r = w.move(1)
     failed = [7, w.n, w.n + 2 + 6]
     assert r.ret == 3
@@ -361,7 +276,7 @@ def test_undo_hwpoison(env):
     assert all(r.status[i] == -EHWPOISON for i in failed)
     moved = [i for i in range(len(ent)) if i not in failed]
     watch.check(failed, moved, 1)
-    np_moved = moved_pages(watch, moved)
+    np_moved = watch.moved_pages(moved)
     assert [m.free_pages(0), m.free_pages(1)] == [watch.free[0] + np_moved, watch.free[1] - np_moved]
     for i in range(w.n):
         if i != 7:
@@ -371,12 +286,12 @@ def test_undo_hwpoison(env):
     with pytest.raises(OSError) as ei:
         w.c.read(w.sh + 6 * PS, 1)
     assert ei.value.errno == EHWPOISON
-    check_consistent(m)
+    check_machine(m)
     # the poisoned frames never come back, even once everything is gone
     free0 = [m.free_pages(0), m.free_pages(1)]
     w.p.exit()
     w.c.exit()
-    check_consistent(m)
+    check_machine(m)
     assert m.free_pages() == m.total_frames - 1 - 3    # the zero page and three poisoned frames
     assert m.free_pages(1) == m.frames_per_node and free0[1] < m.frames_per_node
 
@@ -394,7 +309,7 @@ def test_undo_injected_allocation_failure(env, budget):
     m, plug = env
     w = Load(m)
     ent = w.entries()
-    watch = Watch(m, ent)
+    watch = PageWatch(m, ent)
     st0 = m.vmstat
     plug.budget = budget
     r = w.move(1)
@@ -422,7 +337,7 @@ def test_undo_injected_allocation_failure(env, budget):
     assert nsplit == (0 if budget >= 24 + 1024 else 2)
     assert v["thp_migration_fail"] - st0["thp_migration_fail"] == nsplit
     w.intact()
-    check_consistent(m)
+    check_machine(m)
 
 
 def test_undo_enomem_node_full(env):
@@ -431,7 +346,7 @@ def test_undo_enomem_node_full(env):
     q = m.spawn(uid=99)
     q.mmap((m.free_pages(1) - 10) * PS, node=1)
     ent = w.entries()
-    watch = Watch(m, ent)
+    watch = PageWatch(m, ent)
     r = w.move(1)
     good = [i for i, s in enumerate(r.status) if s == 1]
     bad = [i for i, s in enumerate(r.status) if s != 1]
@@ -443,7 +358,7 @@ def test_undo_enomem_node_full(env):
     assert v["thp_migration_split"] == 2 and v["thp_migration_fail"] == 2
     watch.check([i for i in bad if i < w.n or i >= w.n + 2], [i for i in good if i < w.n or i >= w.n + 2], 1)
     w.intact()
-    check_consistent(m)
+    check_machine(m)
 
 
 # ----------------------------------------------------------------------------- engines
@@ -458,7 +373,7 @@ def test_failing_engines_still_complete(env, engine, batch):
     w = Load(m)
     m.hwpoison(w.p.pfn_of(w.a + 11 * PS))
     ent = w.entries()
-    watch = Watch(m, ent)
+    watch = PageWatch(m, ent)
     r = w.move(1)
     assert r.ret == 1
     want = [1] * len(ent)
@@ -466,10 +381,10 @@ def test_failing_engines_still_complete(env, engine, batch):
     assert r.status == want
     moved = [i for i in range(len(ent)) if i != 11]
     watch.check([11], moved, 1)
-    np_moved = moved_pages(watch, moved)
+    np_moved = watch.moved_pages(moved)
     assert [m.free_pages(0), m.free_pages(1)] == [watch.free[0] + np_moved, watch.free[1] - np_moved]
     w.intact(poisoned=(11,))
-    check_consistent(m)
+    check_machine(m)
     if engine == "raisemid":
         errs = [i for e, i in plug.events if e == "engine_error"]
         assert errs and all("RuntimeError" in i["error"] for i in errs)
@@ -480,7 +395,7 @@ def test_failing_engines_still_complete(env, engine, batch):
     r = w.move(0)
     assert r.status[11] == 0 and all(s == 0 for s in r.status)
     w.intact(poisoned=(11,))
-    check_consistent(m)
+    check_machine(m)
 
 
 def test_cancelled_engine_never_writes_afterwards():
@@ -530,7 +445,7 @@ def test_cancelled_engine_never_writes_afterwards():
         time.sleep(0.2)
         assert len(late) == 32
         assert p.read(a, 32 * PS) == data
-        check_consistent(m)
+        check_machine(m)
 
 
 def test_engine_errors_are_events_not_exceptions(env):
@@ -555,13 +470,13 @@ def test_vanilla_undo_mixed(env):
     pin = w.p.pin(w.a, PS)
     m.hwpoison(w.p.pfn_of(w.a + PS))
     ent = w.entries()
-    watch = Watch(m, ent)
+    watch = PageWatch(m, ent)
     r = w.move(1)
     assert r.status[:2] == [-EBUSY, -EHWPOISON] and all(s == 1 for s in r.status[2:])
     assert r.ret == 2
     watch.check([0, 1], list(range(2, len(ent))), 1)
     w.intact(poisoned=(1,))
-    check_consistent(m)
+    check_machine(m)
     pin.release()
 
 
@@ -606,7 +521,7 @@ def test_property_no_byte_lost(data):
         targets = data.draw(st.lists(st.integers(0, 2), min_size=n + nbig, max_size=n + nbig),
                             label="targets")
         entries = [(p, a + i * PS) for i in range(n)] + [(p, b + i * 2 * MiB) for i in range(nbig)]
-        watch = Watch(m, entries)
+        watch = PageWatch(m, entries)
         total_free = m.free_pages()
         plug.budget = budget
         plug.fail_node = 2
@@ -650,13 +565,13 @@ def test_property_no_byte_lost(data):
             assert p.read(b, nbig * 2 * MiB) == db
             if c is not None:
                 assert c.read(b, nbig * 2 * MiB) == db
-        check_consistent(m)
+        check_machine(m)
         for pin in pins:
             pin.release()
         p.exit()
         if c is not None:
             c.exit()
-        check_consistent(m)
+        check_machine(m)
         lost = [int(np.count_nonzero((m.mem_map.flags[i * m.frames_per_node:(i + 1) * m.frames_per_node]
                                       & PG_hwpoison) != 0)) for i in range(3)]
         assert [m.free_pages(i) for i in range(3)] == [free_start[i] - lost[i] for i in range(3)]
@@ -678,7 +593,7 @@ def test_shmem_cache_follows_moves_and_undos(env, engine):
     bad = c.pfn_of(sh + 3 * PS)
     m.hwpoison(bad)
     ent = [(c, sh + i * PS) for i in range(8)]
-    watch = Watch(m, ent)
+    watch = PageWatch(m, ent)
     r = c.move_pages(0, [sh + i * PS for i in range(8)], [1] * 8)
     assert r.status == [1, 1, 1, -EHWPOISON, 1, -EBUSY, 1, 1] and r.ret == 2
     watch.check([3, 5], [0, 1, 2, 4, 6, 7], 1)
@@ -692,9 +607,9 @@ def test_shmem_cache_follows_moves_and_undos(env, engine):
         assert p.read(sh + i * PS, PS) == data[i * PS:(i + 1) * PS]
         assert p.pfn_of(sh + i * PS) == c.pfn_of(sh + i * PS)
         assert p.node_of(sh + i * PS) == (0 if i == 5 else 1)
-    check_consistent(m)
+    check_machine(m)
     pin.release()
-    check_consistent(m)
+    check_machine(m)
 
 
 def test_pinned_large_folio_is_not_split_on_enomem(env):
@@ -723,4 +638,4 @@ def test_pinned_large_folio_is_not_split_on_enomem(env):
     assert p.read(a, 2 * MiB) == data
     pin.release()
     assert mm.refcount[h] == 512
-    check_consistent(m)
+    check_machine(m)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import copyengine as ce
-from copyengine.mm.memmap import PG_allocated, PG_head, PG_hwpoison, PG_isolated, PG_locked
-from copyengine.mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
+from copyengine.mm.memmap import PG_locked
 from copyengine.plugins import make_plugin_manager
+from copyengine.testing.invariants import check_machine
 
 PS = 4096
 KiB = 1 << 10
@@ -61,25 +61,6 @@ def net_alloc(m):
 
 def free(m):
     return [m.free_pages(n) for n in range(m.nodes)]
-
-
-def assert_clean(m):
-    """No migration left anything behind: no migration entries, no locked or isolated
-    frames, and every allocated frame is accounted for."""
-    mm = m.mem_map
-    for p in list(m.processes.values()):
-        for v in p.vmas:
-            assert not (v.ptes & PTE_MIGRATION).any()
-            pres = pte_pfn(v.ptes[(v.ptes & PTE_PRESENT) != 0])
-            pres = pres[pres != m.zero_pfn]
-            assert (mm.flags[pres] & PG_allocated).all()
-            assert (mm.mapcount[pres] >= 1).all()
-    heads = np.nonzero((mm.flags & PG_head) != 0)[0]
-    assert not (mm.flags[heads] & (PG_locked | PG_isolated)).any()
-    allocated = int(np.count_nonzero(mm.flags & PG_allocated))
-    assert allocated + m.free_pages() + int(
-        np.count_nonzero(((mm.flags & PG_hwpoison) != 0) & ((mm.flags & PG_allocated) == 0))
-    ) == m.total_frames
 
 
 @pytest.fixture
@@ -164,7 +145,7 @@ def test_move_4k_pages_and_back(machine):
     assert p.read(a, n * PS) == data
     assert free(m) == fr
     mig_delta(st, m, pgmigrate_success=2 * n)
-    assert_clean(m)
+    check_machine(m)
 
 
 def test_move_subset_and_mixed_nodes(m4):
@@ -183,7 +164,7 @@ def test_move_subset_and_mixed_nodes(m4):
     assert nodes[0::2] == want and nodes[1::2] == [0] * 8
     mig_delta(st, m, pgmigrate_success=7)
     assert p.read(a, n * PS) == data
-    assert_clean(m)
+    check_machine(m)
 
 
 def test_move_pages_accepts_numpy_arrays_and_flags_zero(machine):
@@ -249,7 +230,7 @@ def test_in_order_same_address_twice(machine):
     r = p.move_pages(0, [a + PS, a + PS, a + PS, a], [1, 1, 1, 1])
     assert r == ce.migrate.MovePagesResult(0, [1, -EBUSY, 1, 1])
     assert p.read(a, 3) == b"abc"
-    assert_clean(m)
+    check_machine(m)
 
 
 def test_other_process_same_uid(machine):
@@ -289,7 +270,7 @@ def test_move_64k_base_pages(machine64k):
     assert r.status == [0, -EBUSY]
     assert p.move_pages(0, [a, a + ps]).status == [0, 1]
     assert p.read(a, n * ps) == data
-    assert_clean(m)
+    check_machine(m)
 
 
 def test_move_2m_folio_with_64k_base_pages(machine64k):
@@ -335,7 +316,7 @@ def test_move_2m_folio_any_address_moves_whole_folio(machine):
     assert m.mem_map.order[h] == 9 and m.mem_map.refcount[h] == 512
     assert m.buddy.is_free(head0)
     assert p.read(a, 4 * MiB) == data
-    assert_clean(m)
+    check_machine(m)
 
 
 def test_moved_2m_folio_leaves_no_page_locked(machine):
@@ -437,7 +418,7 @@ def test_cow_shared_after_fork_needs_move_all(machine):
     c.exit()
     assert p.move_pages(0, addrs(a, n), [0] * n).status == [0] * n
     assert p.read(a, n * PS) == data
-    assert_clean(m)
+    check_machine(m)
 
 
 def test_large_folio_partly_cow_broken_is_still_shared(machine):
@@ -506,7 +487,7 @@ def test_map_shared_across_fork(machine):
     assert c.read(a + PS, 7) == b"shared!"
     c.exit()
     p.munmap(a, n * PS)
-    assert_clean(m)
+    check_machine(m)
 
 
 def test_map_shared_2m_folios_move_all(machine):
@@ -551,7 +532,7 @@ def test_pinned_page_is_ebusy_and_moves_after_release(machine):
     r = p.move_pages(0, addrs(a, n), [1] * n)
     assert r == ce.migrate.MovePagesResult(0, [1] * n)
     assert p.read(a, n * PS) == data
-    assert_clean(m)
+    check_machine(m)
 
 
 def test_pinned_2m_folio(machine):
@@ -602,7 +583,7 @@ def test_partly_unmapped_pinned_2m_folio(machine):
     assert free(m) == [fr[0] + 3, fr[1] - 3]
     assert p.read(a, MiB) == data[:MiB]
     p.exit()
-    assert_clean(m)
+    check_machine(m)
     assert free(m) == [m.frames_per_node - 1, m.frames_per_node]
 
 
@@ -631,7 +612,7 @@ def test_modes_migrate_and_pinned_is_ebusy(machine, mode):
     r = p.move_pages(0, addrs(a, 16) + [b, b + 2 * MiB], [0] * 18)
     assert r.status == [0] * 18
     assert p.read(a, 16 * PS) == da and p.read(b, 4 * MiB) == db
-    assert_clean(m)
+    check_machine(m)
 
 
 # ----------------------------------------------------------------------------- hwpoison
@@ -654,7 +635,7 @@ def test_hwpoisoned_page_fails_alone(machine):
     raises_errno(EHWPOISON, p.read, a + 3 * PS, 1)
     assert p.read(a, 3 * PS) == data[:3 * PS]
     assert p.read(a + 4 * PS, 4 * PS) == data[4 * PS:]
-    assert_clean(m)
+    check_machine(m)
 
 
 def test_hwpoisoned_page_of_2m_folio_fails_whole_folio(machine):
@@ -764,7 +745,7 @@ def test_2m_folio_split_when_target_has_no_free_2m_block(machine):
     assert free(m) == [fr[0] + 512, fr[1] - 512]
     assert all(p.node_of(x) == 1 for x in addrs(a, 512))
     assert p.read(a, 2 * MiB) == data
-    assert_clean(m)
+    check_machine(m)
 
 
 def test_2m_folio_split_partly_fits(machine):
@@ -793,7 +774,7 @@ def test_2m_folio_split_partly_fits(machine):
     assert v["pgmigrate_success"] - st["pgmigrate_success"] >= 64
     assert m.free_pages(1) == 0
     assert p.read(a, 2 * MiB) == data
-    assert_clean(m)
+    check_machine(m)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -839,7 +820,7 @@ def test_small_batches_migrate_everything(mode):
         assert r.status == [1, 1, 1]
         assert obs.count("batch_start") == 3
         assert p.read(b, 6 * MiB) == db
-        assert_clean(m)
+        check_machine(m)
 
 
 @pytest.mark.parametrize("mode", ["async", "sync_light", "sync"])
@@ -939,4 +920,4 @@ def test_engines_preserve_contents(machine, engine):
     mig_delta(st, m, pgmigrate_success=512 + 32, pgmigrate_fail=1, thp_migration_success=1)
     assert p.read(a, 2 * MiB) == da
     assert p.read(b, 4 * PS) == db[:4 * PS] and p.read(b + 5 * PS, 28 * PS) == db[5 * PS:]
-    assert_clean(m)
+    check_machine(m)

@@ -7,14 +7,12 @@ Every call that fails as a whole leaves the machine exactly as it was: free page
 node, vmstat, mem_map, page tables and every byte of memory.
 """
 import errno
-import hashlib
 
 import numpy as np
 import pytest
 
 import copyengine as ce
-from copyengine.mm.memmap import PG_allocated
-from copyengine.mm.pte import PTE_PRESENT, pte_pfn
+from copyengine.testing.invariants import assert_unchanged, snapshot
 
 PS = 4096
 MiB = 1 << 20
@@ -34,39 +32,6 @@ def raises_errno(code, fn, *args, **kwargs):
 
 def addrs(a, n, step=PS):
     return [a + i * step for i in range(n)]
-
-
-def snapshot(m):
-    """Everything a failed call must not change."""
-    mm = m.mem_map
-    procs = {}
-    for pid, p in sorted(m.processes.items()):
-        vmas = []
-        for v in p.vmas:
-            pres = (v.ptes & PTE_PRESENT) != 0
-            pfns = pte_pfn(v.ptes[pres])
-            nodes = (pfns // m.frames_per_node).tolist()
-            vmas.append((v.start, v.end, v.ptes.tobytes(), nodes))
-        procs[pid] = (p.alive, vmas)
-    used = np.nonzero(mm.flags & PG_allocated)[0]
-    h = hashlib.sha256(m.mem.reshape(-1, m.page_size)[used].tobytes()).hexdigest()
-    return {
-        "free": [m.free_pages(n) for n in range(m.nodes)],
-        "vmstat": m.vmstat,
-        "procs": procs,
-        "mem_map": {k: getattr(mm, k).copy() for k in
-                    ("flags", "refcount", "pincount", "mapcount", "order", "head", "owner", "index")},
-        "mem": h,
-    }
-
-
-def assert_same(s0, s1):
-    assert s1["free"] == s0["free"]
-    assert s1["vmstat"] == s0["vmstat"]
-    assert s1["procs"] == s0["procs"]
-    for k, v in s0["mem_map"].items():
-        assert np.array_equal(v, s1["mem_map"][k]), f"mem_map.{k} changed"
-    assert s1["mem"] == s0["mem"]
 
 
 class World:
@@ -131,7 +96,7 @@ def test_einval_bad_flags(world, flags):
         # before ESRCH and EPERM
         raises_errno(errno.EINVAL, caller.move_pages, 99999, w.pages(), [1] * 8, flags=flags)
         raises_errno(errno.EINVAL, caller.move_pages, w.other.pid, w.pages(), [9] * 8, flags=flags)
-    assert_same(s0, snapshot(w.m))
+    assert_unchanged(s0, snapshot(w.m))
     w.check_contents()
 
 
@@ -154,7 +119,7 @@ def test_eperm_move_all_without_cap_sys_nice(world):
         # before ESRCH and before the per-entry node checks
         raises_errno(errno.EPERM, w.p.move_pages, 99999, w.pages(), [1] * 8, flags=flags)
         raises_errno(errno.EPERM, w.p.move_pages, 0, w.pages(), [7] * 8, flags=flags)
-    assert_same(s0, snapshot(w.m))
+    assert_unchanged(s0, snapshot(w.m))
     w.check_contents()
 
 
@@ -167,7 +132,7 @@ def test_eperm_other_uid_without_cap_sys_nice(world, caller):
     raises_errno(errno.EPERM, c.move_pages, w.p.pid, w.pages())            # query mode too
     raises_errno(errno.EPERM, c.move_pages, w.p.pid, w.pages(), [5] * 8)   # before ENODEV
     raises_errno(errno.EPERM, c.move_pages, w.child.pid, [w.a], [1])
-    assert_same(s0, snapshot(w.m))
+    assert_unchanged(s0, snapshot(w.m))
     w.check_contents()
 
 
@@ -207,7 +172,7 @@ def test_esrch_unknown_and_exited(world):
     # an exited caller
     raises_errno(errno.ESRCH, gone.move_pages, 0, [w.a], [1])
     raises_errno(errno.ESRCH, gone.move_pages, w.p.pid, [w.a])
-    assert_same(s0, snapshot(m))
+    assert_unchanged(s0, snapshot(m))
     w.check_contents()
 
 
@@ -220,7 +185,7 @@ def test_enodev_at_first_entry_changes_nothing(world, bad):
     assert e.status == [None] * 8
     e = raises_errno(errno.ENODEV, w.p.move_pages, 0, [w.a], [bad])
     assert e.status == [None]
-    assert_same(s0, snapshot(w.m))
+    assert_unchanged(s0, snapshot(w.m))
     w.check_contents()
 
 
@@ -275,7 +240,7 @@ def test_eacces_node_outside_target_cpuset(world4):
     s0 = snapshot(m)
     e = raises_errno(errno.EACCES, q.move_pages, p.pid, [a], [3])
     assert e.status == [None]
-    assert_same(s0, snapshot(m))
+    assert_unchanged(s0, snapshot(m))
     assert q.move_pages(p.pid, [a + 5 * PS], [2]).status == [2]
     assert p.read(a, 8 * PS) == data
     # a process confined to node 0 may still be asked about, and its pages stay put
@@ -305,7 +270,7 @@ def test_type_errors_change_nothing(world, args):
     s0 = snapshot(w.m)
     with pytest.raises(TypeError):
         w.p.move_pages(call["pid"], call["pages"], call["nodes"], call["flags"])
-    assert_same(s0, snapshot(w.m))
+    assert_unchanged(s0, snapshot(w.m))
 
 
 @pytest.mark.parametrize("npages,nnodes", [(3, 2), (3, 4), (1, 0), (0, 1)])
@@ -314,7 +279,7 @@ def test_einval_length_mismatch(world, npages, nnodes):
     s0 = snapshot(w.m)
     e = raises_errno(errno.EINVAL, w.p.move_pages, 0, addrs(w.a, npages), [1] * nnodes)
     assert getattr(e, "status", None) is None
-    assert_same(s0, snapshot(w.m))
+    assert_unchanged(s0, snapshot(w.m))
 
 
 # ----------------------------------------------------------------------------- per-page, not call-level
@@ -339,7 +304,7 @@ def test_zero_page_is_efault(world):
     r = p.move_pages(0, [w.untouched, w.untouched + PS], [1, 1])
     assert r == ce.migrate.MovePagesResult(0, [-EFAULT, -ENOENT])
     assert p.pfn_of(w.untouched) == w.m.zero_pfn
-    assert_same(s0, snapshot(w.m))
+    assert_unchanged(s0, snapshot(w.m))
 
 
 def test_lookup_failures_only_change_nothing(world):
@@ -352,7 +317,7 @@ def test_lookup_failures_only_change_nothing(world):
     r = p.move_pages(0, [w.a, w.sh, w.cow, w.a + PS, w.big, 0, w.untouched, w.untouched + PS],
                      [0, 1, 1, 0, 0, 1, 1, 1])
     assert r == ce.migrate.MovePagesResult(0, [0, 1, -errno.EACCES, 0, 0, -EFAULT, -ENOENT, -EFAULT])
-    assert_same(s0, snapshot(w.m))
+    assert_unchanged(s0, snapshot(w.m))
     w.check_contents()
 
 
@@ -361,12 +326,12 @@ def test_snapshot_sees_every_kind_of_change(world):
     w = world
     s0 = snapshot(w.m)
     w.p.write(w.a, w.da[:1])                      # same byte: nothing changes
-    assert_same(s0, snapshot(w.m))
+    assert_unchanged(s0, snapshot(w.m))
     w.p.write(w.a, bytes([w.da[0] ^ 1]))
     with pytest.raises(AssertionError):
-        assert_same(s0, snapshot(w.m))
+        assert_unchanged(s0, snapshot(w.m))
     w.p.write(w.a, w.da[:1])
-    assert_same(s0, snapshot(w.m))
+    assert_unchanged(s0, snapshot(w.m))
     w.p.move_pages(0, [w.a], [1])
     with pytest.raises(AssertionError):
-        assert_same(s0, snapshot(w.m))
+        assert_unchanged(s0, snapshot(w.m))

@@ -87,6 +87,21 @@ def _registry(pm):
     return engine_registry(pm if pm is not None else get_plugin_manager())
 
 
+def _check_spec_argument(spec, registry, pm):
+    """A malformed argument (mt:0, serial:1) is a bad option, found before anything runs;
+    an engine that cannot run here (EngineUnavailable) is only an n/a column later."""
+    from ..engines.base import create_engine
+    from ..errors import EngineUnavailable
+    from ..machine import Machine
+    with Machine(nodes=2, node_size="2MiB", engine="serial", plugin_manager=pm) as tiny:
+        try:
+            create_engine(spec, tiny, registry).close()
+        except EngineUnavailable:
+            pass
+        except (ValueError, TypeError) as e:
+            raise BenchError(f"--configs: {spec!r}: {e}") from None
+
+
 def make_plan(page_sizes=None, counts=None, configs=None, repeat=None, quick=False, warmup=1,
               pm=None) -> Plan:
     """Validate and complete the options. BenchError names what is wrong."""
@@ -127,6 +142,8 @@ def make_plan(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
                 raise BenchError(f"--configs: unknown engine {name!r} in {c!r}; engines here: "
                                  f"{', '.join(sorted(registry))}"
                                  + (f" (and {', '.join(missing)} once installed)" if missing else ""))
+            if name in registry:
+                _check_spec_argument(c, registry, pm)
             if c not in out:
                 out.append(c)
         cfgs = out

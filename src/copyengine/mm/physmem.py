@@ -20,7 +20,7 @@ class PhysMem:
         try:
             self._map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as e:  # the host refused the reservation itself
+        except (OSError, OverflowError) as e:  # the host refused the reservation itself
             raise ValueError(f"cannot reserve {nbytes} bytes of simulated physical memory: {e}") from None
         self.nbytes = nbytes
         self.mem = np.frombuffer(self._map, dtype=np.uint8)

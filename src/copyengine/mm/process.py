@@ -430,7 +430,11 @@ class Process:
                         if len(heads):
                             p["new"].append((order, idx[:len(heads) << order]))
                             p["heads"].append(heads)
+                        # Only the pages this access touches fall back (alloc_anon_folio
+                        # maps one order-0 page for the faulting address), not the
+                        # whole aligned range the large folio would have covered.
                         idx = idx[len(heads) << order:]
+                        idx = idx[(idx >= s.i0) & (idx < s.i1)]
                         if not len(idx):
                             continue
                     heads = m.alloc_folios(s.vma.node, 0, len(idx))

@@ -151,13 +151,26 @@ def test_migrates_correctly_and_reports_its_choices(m):
 
 
 def test_idle_cpus_reads_proc_stat(monkeypatch):
+    monkeypatch.setattr(auto.IdleCpus, "_own", classmethod(lambda cls: 0.0))
     idle = auto.IdleCpus(4, period=0.0)
-    samples = iter([(1000, 2000), (1300, 2400)])  # 300 of 400 ticks idle: 3 CPUs idle
+    samples = iter([(1000, 2000), (1300, 2400)])  # 300 of 400 ticks idle: 3 of 4 CPUs
     monkeypatch.setattr(auto.IdleCpus, "_read", staticmethod(lambda: next(samples)))
     idle()
-    assert idle() == 4  # 3 idle + the calling CPU, clamped to 4
+    assert idle() == 3
     busy = auto.IdleCpus(4, period=0.0)
-    samples2 = iter([(1000, 2000), (1000, 2400)])  # nothing idle: only the caller
+    samples2 = iter([(1000, 2000), (1000, 2400)])  # nothing idle: still one, the caller's
     monkeypatch.setattr(auto.IdleCpus, "_read", staticmethod(lambda: next(samples2)))
     busy()
     assert busy() == 1
+
+
+def test_idle_cpus_count_this_processs_own_work_as_available(monkeypatch):
+    """The previous batch's copy threads kept every CPU busy: that is us, not a
+    neighbour, so all CPUs stay available to the next batch."""
+    idle = auto.IdleCpus(2, period=0.0)
+    samples = iter([(1000, 2000), (1000, 2200)])   # no idle tick in 200
+    own = iter([500.0, 700.0])                      # ... all 200 of them ours
+    monkeypatch.setattr(auto.IdleCpus, "_read", staticmethod(lambda: next(samples)))
+    monkeypatch.setattr(auto.IdleCpus, "_own", classmethod(lambda cls: next(own)))
+    idle()
+    assert idle() == 2

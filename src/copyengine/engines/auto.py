@@ -41,11 +41,16 @@ def available_cpus() -> int:
 
 
 class IdleCpus:
-    """How many CPUs are idle, from the /proc/stat deltas between samples."""
+    """How many CPUs are free for this process: idle time plus this process's own CPU
+    time, over all CPU time, between two /proc/stat samples. Counting our own time as
+    available matters: the copy threads of the previous batch must not make the next
+    batch think the machine is busy."""
+
+    _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
     def __init__(self, cpus: int, period: float = 0.2):
         self.cpus, self.period = cpus, period
-        self._last = None  # (time, idle ticks, total ticks)
+        self._last = None  # (time, idle ticks, total ticks, own ticks)
         self._idle = cpus
         self._lock = threading.Lock()
 
@@ -57,6 +62,11 @@ class IdleCpus:
         idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
         return idle, sum(ticks)
 
+    @classmethod
+    def _own(cls):
+        t = os.times()
+        return (t[0] + t[1]) * cls._CLK_TCK
+
     def __call__(self) -> int:
         now = time.monotonic()
         with self._lock:
@@ -67,13 +77,14 @@ class IdleCpus:
             except (OSError, ValueError, IndexError):
                 load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
                 self._idle = max(1, min(self.cpus, self.cpus - int(load) + 1))
-                self._last = (now, 0, 0)
+                self._last = (now, 0, 0, 0)
                 return self._idle
+            own = self._own()
             if self._last is not None and total > self._last[2]:
-                frac = (idle - self._last[1]) / (total - self._last[2])
-                # +1: the calling CPU is about to copy either way
-                self._idle = max(1, min(self.cpus, int(frac * self.cpus + 0.5) + 1))
-            self._last = (now, idle, total)
+                free = (idle - self._last[1]) + (own - self._last[3])
+                frac = min(1.0, free / (total - self._last[2]))
+                self._idle = max(1, min(self.cpus, int(frac * self.cpus + 0.5)))
+            self._last = (now, idle, total, own)
             return self._idle
 
 

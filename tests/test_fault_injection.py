@@ -22,6 +22,7 @@ from copyengine.testing.faults import (AllocFaults, CopyFaults, RaiseMidEngine, 
                                        poison_free_frame, poison_page)
 from copyengine.testing.invariants import (PageWatch, assert_unchanged, check_machine,
                                            free_frames_expected, snapshot)
+from helpers import pattern
 
 PS = 4096
 MiB = 1 << 20
@@ -30,11 +31,8 @@ MIG = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migr
        "thp_migration_split")
 
 
-def pattern(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
 def mig_delta(before, m):
+    """The change of each migration counter since ``before`` (a vmstat snapshot)."""
     v = m.vmstat
     return {k: v[k] - before[k] for k in MIG}
 

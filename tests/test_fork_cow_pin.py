@@ -2,17 +2,11 @@
 import errno
 
 import pytest
+from helpers import raises_errno
 
 PS = 4096
 KiB = 1 << 10
 MiB = 1 << 20
-
-
-def raises_errno(code, fn, *args, **kwargs):
-    with pytest.raises(OSError) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.errno == code, f"expected errno {code}, got {ei.value.errno}: {ei.value}"
-    return ei.value
 
 
 # ----------------------------------------------------------------------------- fork / COW

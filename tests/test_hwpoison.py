@@ -1,21 +1,14 @@
 """Hardware poison: poisoned frames fail accesses and never return to the allocator."""
-import errno
 
 import numpy as np
 import pytest
 
 import copyengine as ce
 from copyengine.mm.memmap import PG_hwpoison, PG_reserved
+from helpers import raises_errno
 
 PS = 4096
 MiB = 1 << 20
-
-
-def raises_errno(code, fn, *args, **kwargs):
-    with pytest.raises(OSError) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.errno == code, f"expected errno {code}, got {ei.value.errno}: {ei.value}"
-    return ei.value
 
 
 def all_frames_handed_out(m, node):

@@ -8,47 +8,18 @@ The pairing, from the kernel's comment: "[2,3,4] -> [3,4,5] moves everything.
 """
 import errno
 
-import numpy as np
 import pytest
 
 import copyengine as ce
 from copyengine.plugins import make_plugin_manager
 from copyengine.testing.invariants import assert_unchanged, snapshot
+from helpers import addrs, free, mig, mig_delta, pattern, raises_errno
 
 PS = 4096
 KiB = 1 << 10
 MiB = 1 << 20
 MIG = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migration_fail",
        "thp_migration_split")
-
-
-def pattern(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-def raises_errno(code, fn, *args, **kwargs):
-    with pytest.raises(OSError) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.errno == code, f"expected errno {code}, got {ei.value.errno}: {ei.value}"
-    return ei.value
-
-
-def addrs(a, n, step=PS):
-    return [a + i * step for i in range(n)]
-
-
-def mig(m):
-    v = m.vmstat
-    return {k: v[k] for k in MIG}
-
-
-def mig_delta(before, m, **expect):
-    now = mig(m)
-    assert {k: now[k] - before[k] for k in MIG} == {k: expect.get(k, 0) for k in MIG}
-
-
-def free(m):
-    return [m.free_pages(n) for n in range(m.nodes)]
 
 
 class Region:

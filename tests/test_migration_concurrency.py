@@ -13,21 +13,17 @@ import random
 import threading
 import time
 
-import numpy as np
 import pytest
 
 import copyengine as ce
 from copyengine.testing.invariants import check_machine
+from helpers import pattern
 
 PS = 4096
 MiB = 1 << 20
 EBUSY = errno.EBUSY
 DURATION = 0.6     # seconds of ping-pong per test
 JOIN = 20.0        # seconds a thread may take to notice it should stop
-
-
-def pattern(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
 class Threads:

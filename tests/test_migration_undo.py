@@ -17,14 +17,11 @@ from copyengine.engines import Capabilities, Completion, Engine, copy_descriptor
 from copyengine.mm.memmap import PG_hwpoison
 from copyengine.plugins import make_plugin_manager
 from copyengine.testing.invariants import PageWatch, check_machine
+from helpers import pattern
 
 PS = 4096
 MiB = 1 << 20
 EBUSY, ENOMEM, EHWPOISON = errno.EBUSY, errno.ENOMEM, ce.EHWPOISON
-
-
-def pattern(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
 # ----------------------------------------------------------------------------- test plugins

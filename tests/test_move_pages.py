@@ -15,6 +15,7 @@ import copyengine as ce
 from copyengine.mm.memmap import PG_locked
 from copyengine.plugins import make_plugin_manager
 from copyengine.testing.invariants import check_machine
+from helpers import addrs, free, mig, mig_delta, pattern, raises_errno
 
 PS = 4096
 KiB = 1 << 10
@@ -26,41 +27,10 @@ MIG = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migr
 
 
 # ----------------------------------------------------------------------------- helpers
-def pattern(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-def raises_errno(code, fn, *args, **kwargs):
-    with pytest.raises(OSError) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.errno == code, f"expected errno {code}, got {ei.value.errno}: {ei.value}"
-    return ei.value
-
-
-def addrs(a, n, step=PS):
-    return [a + i * step for i in range(n)]
-
-
-def mig(m):
-    v = m.vmstat
-    return {k: v[k] for k in MIG}
-
-
-def mig_delta(before, m, **expect):
-    """Assert the migration counters changed by exactly ``expect`` (others by 0)."""
-    now = mig(m)
-    got = {k: now[k] - before[k] for k in MIG}
-    want = {k: expect.get(k, 0) for k in MIG}
-    assert got == want
-
 
 def net_alloc(m):
     v = m.vmstat
     return v["pgalloc"] - v["pgfree"]
-
-
-def free(m):
-    return [m.free_pages(n) for n in range(m.nodes)]
 
 
 @pytest.fixture

@@ -13,25 +13,11 @@ import pytest
 
 import copyengine as ce
 from copyengine.testing.invariants import assert_unchanged, snapshot
+from helpers import addrs, pattern, raises_errno
 
 PS = 4096
 MiB = 1 << 20
 EBUSY, EFAULT, ENOENT = errno.EBUSY, errno.EFAULT, errno.ENOENT
-
-
-def pattern(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-def raises_errno(code, fn, *args, **kwargs):
-    with pytest.raises(OSError) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.errno == code, f"expected errno {code}, got {ei.value.errno}: {ei.value}"
-    return ei.value
-
-
-def addrs(a, n, step=PS):
-    return [a + i * step for i in range(n)]
 
 
 class World:

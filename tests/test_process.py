@@ -8,21 +8,11 @@ from hypothesis import given, strategies as st
 
 import copyengine as ce
 from copyengine.mm.memmap import PG_anon, PG_swapbacked
+from helpers import pattern, raises_errno
 
 PS = 4096
 KiB = 1 << 10
 MiB = 1 << 20
-
-
-def raises_errno(code, fn, *args, **kwargs):
-    with pytest.raises(OSError) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.errno == code, f"expected errno {code}, got {ei.value.errno}: {ei.value}"
-    return ei.value
-
-
-def pattern(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
 # ----------------------------------------------------------------------------- mmap

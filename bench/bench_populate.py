@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+from copyengine.bench.sysinfo import reset_peak_rss, rss_bytes
+
 RATIO_TARGET = 1.5
 RSS_TARGET = 0.10
 FILL = 0x5A
@@ -57,24 +59,13 @@ def fmt_bytes(n: float) -> str:
 
 
 def proc_status() -> dict:
-    """VmRSS / VmHWM of this process in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
+    """VmRSS / VmHWM of this process in bytes (the bench runner's reading)."""
+    return rss_bytes()
 
 
 def reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    """Reset VmHWM to the current RSS."""
+    return reset_peak_rss()
 
 
 def thp_setting() -> str:

@@ -46,6 +46,7 @@ from copyengine.mm.pageflags import PG_hwpoison
 from copyengine.mm.pte import PFN_SHIFT, PTE_PRESENT
 from copyengine.testing.faults import AllocFaults, CopyFaults, plugin_manager
 from copyengine.units import parse_size
+from copyengine.migrate.syscalls import migrate_pairs
 from copyengine.testing.invariants import (ShadowMemory, assert_unchanged, check_machine,
                                            free_frames_expected, snapshot)
 
@@ -781,26 +782,9 @@ class MigratePagesOracle:
         self.exact = True
 
     def pairs(self):
-        old, new = sorted(self.old), sorted(self.new)
-        if not new:
+        if not self.new:
             return []
-        out, tmp = [], set(old)
-        while tmp:
-            source = dest = None
-            for s in sorted(tmp):
-                if len(old) != len(new) and s in new:
-                    continue
-                d = new[old.index(s) % len(new)]
-                if s == d:
-                    continue
-                source, dest = s, d
-                if dest not in tmp:
-                    break
-            if source is None:
-                break
-            tmp.discard(source)
-            out.append((source, dest))
-        return out
+        return list(migrate_pairs(frozenset(self.old), frozenset(self.new)))
 
     def verify(self, left, v0, v1):
         assert isinstance(left, int) and left >= 0

@@ -312,10 +312,10 @@ def _node_mask(m, nodes, what):
         raise oserror(errno.EINVAL, str(e)) from None
 
 
-def do_migrate_pages(target, old, new, move_all) -> int:
-    """do_migrate_pages: pick <source, dest> pairs so that a destination is, if
-    possible, not itself still a source; migrate each source node's pages."""
-    nr_failed = 0
+def migrate_pairs(old, new):
+    """do_migrate_pages' choice of <source, dest> node pairs, in order: a destination is,
+    if possible, not itself still a source; with masks of different weights, sources that
+    are also destinations are skipped ([0-7] -> [3,4,5] moves only 0,1,2,6,7)."""
     tmp = set(old)
     while tmp:
         source = dest = None
@@ -329,10 +329,14 @@ def do_migrate_pages(target, old, new, move_all) -> int:
             if dest not in tmp:
                 break
         if source is None:
-            break
+            return
         tmp.discard(source)
-        nr_failed += migrate_to_node(target, source, dest, move_all)
-    return nr_failed
+        yield source, dest
+
+
+def do_migrate_pages(target, old, new, move_all) -> int:
+    """do_migrate_pages: migrate each source node's pages to its paired destination."""
+    return sum(migrate_to_node(target, source, dest, move_all) for source, dest in migrate_pairs(old, new))
 
 
 def migrate_to_node(target, source, dest, move_all) -> int:

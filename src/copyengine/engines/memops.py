@@ -14,6 +14,9 @@ from numba.extending import intrinsic
 
 #: a batch this large cannot stay in the caches: copy it with non-temporal stores
 NT_BYTES = 16 << 20
+#: from this size glibc's memmove streams by itself (its x86_non_temporal_threshold is a
+#: share of the L3: 181.5 MiB on the development VM), faster than the loop below
+LIBC_STREAM_BYTES = 256 << 20
 
 
 @intrinsic
@@ -72,7 +75,7 @@ def address(typingctx, mem):
 def copy(mem, d, s, n, nt):
     """Copy n bytes; with ``nt`` (and no overlap) the 32-byte-aligned middle bypasses
     the caches."""
-    if not nt or n < 256 or abs(d - s) < n:
+    if not nt or n < 256 or n >= LIBC_STREAM_BYTES or abs(d - s) < n:
         memmove(mem, d, s, n)
         return
     head = (-(address(mem) + d)) & 31

@@ -138,14 +138,23 @@ def _copy_span(mem, src_off, dst_off, prefix, ndesc, lo, hi, nt):
     if lo >= hi:
         return
     i = _find(prefix, ndesc, lo)
+    run_d = run_s = run_n = 0  # pieces contiguous on both sides are copied as one run
     while lo < hi:
         end = prefix[i + 1]
         if end > lo:
             off = lo - prefix[i]
             n = min(end, hi) - lo
-            _copy(mem, dst_off[i] + off, src_off[i] + off, n, nt)
+            d, s = dst_off[i] + off, src_off[i] + off
+            if run_n and d == run_d + run_n and s == run_s + run_n:
+                run_n += n
+            else:
+                if run_n:
+                    _copy(mem, run_d, run_s, run_n, nt)
+                run_d, run_s, run_n = d, s, n
             lo += n
         i += 1
+    if run_n:
+        _copy(mem, run_d, run_s, run_n, nt)
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -138,10 +138,15 @@ class Machine:
         self._vmstat["pgalloc"] += count << order
         return heads
 
-    def alloc_folios_upto(self, node: int, order: int, count: int) -> np.ndarray:
-        """Like alloc_folios, but hand back however many (possibly none) the node had."""
-        heads = self.pm.hook.copyengine_alloc_frames(machine=self, node=node, order=order, count=count)
-        heads = np.asarray(heads if heads is not None else [], dtype=np.int64)[:count]
+    def alloc_folios_upto(self, node: int, order: int, count: int, *, direct=False) -> np.ndarray:
+        """Like alloc_folios, but hand back however many (possibly none) the node had.
+        ``direct``: the caller found only the built-in allocation hook registered, so the
+        buddy allocator is called without pluggy's dispatch (the same result)."""
+        if direct:
+            heads = self.buddy.alloc(node, order, count)
+        else:
+            heads = self.pm.hook.copyengine_alloc_frames(machine=self, node=node, order=order, count=count)
+            heads = np.ascontiguousarray(heads if heads is not None else [], dtype=np.int64)[:count]
         if len(heads):
             self.mem_map.prep_new_folios(heads, order)
             self._vmstat["pgalloc"] += len(heads) << order

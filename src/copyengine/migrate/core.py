@@ -129,15 +129,8 @@ def migrate_folios_prepare(b: MigrationBatch, nosplit: bool, direct_alloc: bool 
     for o in orders:
         o = int(o)
         sel = np.nonzero(b.order == o)[0] if len(orders) > 1 else np.arange(len(b))
-        if direct_alloc:
-            got = m.buddy.alloc(b.target, o, len(sel))
-        else:
-            got = m.pm.hook.copyengine_alloc_frames(machine=m, node=b.target, order=o, count=len(sel))
-            got = np.ascontiguousarray(got if got is not None else [], np.int64)[:len(sel)]
-        if len(got):
-            mm.prep_new_folios(got, o)
-            mm.flags[got] |= PG_locked  # the folio lock lives on the head
-            m.count("pgalloc", len(got) << o)
+        got = m.alloc_folios_upto(b.target, o, len(sel), direct=direct_alloc)
+        mm.flags[got] |= PG_locked  # the folio lock lives on the head
         b.dst[sel[:len(got)]] = got
         short = sel[len(got):]
         if not len(short):

@@ -5,9 +5,11 @@ A job is a scatter-gather list over the machine's physical memory: per descripto
 index of the folio it belongs to), plus ``src_poisoned`` per folio. The result is an int32
 array with one entry per folio: 0 when every byte of the folio was copied, else -errno.
 
-Synchronous engines implement ``copy(job)``. Asynchronous engines follow dmaengine's
-shape (prep, submit, issue_pending, completion) in ``submit(job)``, which returns a
-:class:`Completion`; the framework waits with a timeout and cancels on expiry.
+Synchronous engines implement ``copy(job)``. Asynchronous engines implement one call,
+``submit(job)``, which starts the copy and returns a :class:`Completion` at once (it stands
+for dmaengine's prep + submit + issue_pending); the engine records outcomes on the
+completion as they arrive, in any order, and the framework waits with a timeout and
+cancels on expiry (dmaengine_terminate_sync).
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from numba import njit
 
 from ..errors import EHWPOISON, EngineUnavailable
 from .memops import NT_BYTES, copy_spans
+from .memops import copy as _copy_bytes
 
 #: result value of a folio an asynchronous engine has not completed (yet)
 PENDING = -errno.EINPROGRESS
@@ -33,6 +37,7 @@ class Capabilities:
     min_bytes: int = 0           # below this a batch is not worth offloading (declined)
     max_batch: int = 0           # most folios per job, 0 = no limit
     mc_safe: bool = True         # reports -EHWPOISON for a poisoned source (never reads it)
+    batched: bool = True         # False: the flow before the series, each folio copied in its move step
 
     def as_dict(self):
         return asdict(self)
@@ -68,15 +73,24 @@ class CopyJob:
 class Completion:
     """Completion of an asynchronous job (a dma cookie's status, per folio).
 
-    Engines fill ``result`` as folios complete, in any order, and call ``finish()`` once
-    every folio has an outcome. ``wait(timeout)`` returns the result, or None on
-    timeout; ``cancel()`` must guarantee that no write happens after it returns
-    (dmaengine_terminate_sync). Subclasses override ``_cancel``.
+    The engine calls ``complete(folios, status)`` as folios finish, in any order (it takes
+    the completion's lock and records nothing once the job is cancelled), and ``finish()``
+    once every folio has an outcome: ``wait`` returns as soon as ``finish`` is called, so
+    an engine that forgets it costs the whole timeout (and the framework copies the batch
+    on the CPU). ``wait(timeout)`` returns the result, or None on timeout.
+
+    ``cancel()`` marks the job cancelled under the lock, then calls ``_cancel()`` without
+    holding it (so that an engine thread blocked in ``complete`` can run). ``_cancel``
+    stops outstanding work and returns True (or None) when nothing will write any more;
+    an engine that cannot promise that returns False and calls ``retire()`` later, once its
+    last write has landed. Until then the framework quarantines every destination of the
+    job: those frames are never handed out again while the engine may still write them.
     """
 
     def __init__(self, nr_folios: int):
         self.result = np.full(nr_folios, PENDING, np.int32)
         self._done = threading.Event()
+        self._retired = threading.Event()
         self._lock = threading.Lock()
         self.cancelled = False
 
@@ -89,23 +103,65 @@ class Completion:
             return True
 
     def finish(self):
+        """Every folio has an outcome and the engine writes nothing more for this job."""
         self._done.set()
+        self._retired.set()
+
+    def retire(self):
+        """After a cancel that could not stop the engine at once: nothing writes any more."""
+        self._retired.set()
 
     def done(self) -> bool:
         return self._done.is_set()
+
+    def retired(self) -> bool:
+        """True once the engine can no longer write any destination of this job."""
+        return self._retired.is_set()
 
     def wait(self, timeout: float):
         if not self._done.wait(timeout):
             return None
         return self.result
 
-    def cancel(self):
+    def cancel(self) -> bool:
+        """Cancel the job; True when the engine promised that nothing writes any more."""
         with self._lock:
             self.cancelled = True
-        self._cancel()
+        stopped = self._cancel() is not False
+        if stopped:
+            self._retired.set()
+        return stopped
 
     def _cancel(self):
-        """Stop outstanding work and return only when nothing will write any more."""
+        """Stop outstanding work. Return True (or None) only when nothing will write any
+        more; False if writes may still land (then call ``retire()`` when they have)."""
+
+
+class CopyStillRunning(RuntimeError):
+    """An asynchronous engine's job was cancelled but the engine may still write its
+    destinations; ``completion.retired()`` turns True once it cannot any more."""
+
+    def __init__(self, engine_name, completion):
+        super().__init__(f"engine {engine_name} timed out and may still write after its cancel")
+        self.completion = completion
+
+
+@njit(cache=True, nogil=True)
+def copy_each(mem, src_off, dst_off, nbytes, take, nt):
+    """Copy every descriptor i with ``take[i]`` on its own (no merging: folio_mc_copy is
+    one folio at a time). Returns 0, or -(i + 1), having copied nothing, if descriptor i
+    lies outside memory."""
+    size = mem.shape[0]
+    n = src_off.shape[0]
+    for i in range(n):
+        if take[i]:
+            s, d, b = src_off[i], dst_off[i], nbytes[i]
+            if s < 0 or d < 0 or b < 0 or s + b > size or d + b > size:
+                return -(i + 1)
+    for i in range(n):
+        if take[i]:
+            _copy_bytes(mem, dst_off[i], src_off[i], nbytes[i], nt)
+    return 0
 
 
 class Engine:
@@ -140,10 +196,6 @@ def copy_descriptors(mem, src_off, dst_off, nbytes, sel=None):
     if sel is not None:
         take[:] = False
         take[np.asarray(list(sel) if not isinstance(sel, np.ndarray) else sel, dtype=np.int64)] = True
-    _copy(mem, src_off, dst_off, nbytes, take)
-
-
-def _copy(mem, src_off, dst_off, nbytes, take):
     nbytes = np.ascontiguousarray(nbytes, np.int64)
     nt = int(nbytes[take].sum()) >= NT_BYTES  # too big to stay cached: bypass the caches
     rc = copy_spans(mem, np.ascontiguousarray(src_off, np.int64), np.ascontiguousarray(dst_off, np.int64),
@@ -154,28 +206,46 @@ def _copy(mem, src_off, dst_off, nbytes, take):
 
 def folio_mc_copy(job: CopyJob, folios) -> np.ndarray:
     """mm/util.c folio_mc_copy for the given folios of a job: -EHWPOISON, never reading
-    a poisoned source, else copy every descriptor of the folio (contiguous runs of
-    several folios in one go). Returns their statuses."""
+    a poisoned source, else copy the folio's descriptors, one after another, with the
+    primitive every CPU flow shares (``memops.copy``, non-temporal stores from
+    ``NT_BYTES`` per job). Returns their statuses."""
     folios = np.asarray(folios, dtype=np.int64)
     status = np.where(job.src_poisoned[folios], -EHWPOISON, 0).astype(np.int32)
     ok = folios[status == 0]
     if len(ok):
         want = np.zeros(job.nr_folios, np.bool_)
         want[ok] = True
-        _copy(job.mem, job.src_off, job.dst_off, job.nbytes, want[job.folio])
+        nbytes = np.ascontiguousarray(job.nbytes, np.int64)
+        rc = copy_each(job.mem, np.ascontiguousarray(job.src_off, np.int64),
+                       np.ascontiguousarray(job.dst_off, np.int64), nbytes, want[job.folio],
+                       job.total_bytes >= NT_BYTES)
+        if rc < 0:
+            raise ValueError(f"descriptor {-rc - 1} lies outside physical memory")
     return status
 
 
 def run_engine(engine: Engine, job: CopyJob, timeout: float) -> np.ndarray:
     """Run a job to completion: ``copy`` for a synchronous engine; for an asynchronous
-    one submit, wait up to ``timeout`` seconds, and on expiry cancel it (after which it
-    never writes): folios it had not completed report -ETIMEDOUT."""
+    one submit, wait up to ``timeout`` seconds, and on expiry cancel it: folios it had
+    not completed report -ETIMEDOUT. An engine that cannot stop at its cancel raises
+    :class:`CopyStillRunning` (the caller must keep the job's destinations away from
+    everyone until the completion is retired); so does an interrupt (KeyboardInterrupt)
+    of the wait, after cancelling the job."""
     if not engine.capabilities.asynchronous:
         return engine.copy(job)
     completion = engine.submit(job)
-    result = completion.wait(timeout)
+    if not isinstance(completion, Completion):
+        raise TypeError(f"engine {engine.name}: submit() returned {type(completion).__name__}, "
+                        "not a Completion")
+    try:
+        result = completion.wait(timeout)
+    except BaseException as e:
+        if not completion.cancel():
+            raise CopyStillRunning(engine.name, completion) from e
+        raise
     if result is None:
-        completion.cancel()
+        if not completion.cancel():
+            raise CopyStillRunning(engine.name, completion)
         result = completion.result.copy()
     return np.where(result == PENDING, -errno.ETIMEDOUT, result).astype(np.int32)
 

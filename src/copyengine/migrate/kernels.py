@@ -13,6 +13,8 @@ import errno
 import numpy as np
 from numba import njit
 
+from ..engines.memops import copy as _copy_bytes
+from ..errors import EHWPOISON
 from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT, PTE_WRITE
 
@@ -96,6 +98,23 @@ def restore_vma(ev, ep, ef, ew, n, want, to_dst, src, dst, ptes, mapcount, refco
     return keep
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _move_one(f, src, dst, nr, flags, owner, index, refcount, moved):
+    """folio_migrate_mapping + folio_migrate_flags of one folio; True for a shmem folio."""
+    s, d = src[f], dst[f]
+    for j in range(nr[f]):
+        owner[d + j] = owner[s + j]
+        index[d + j] = index[s + j]
+        flags[d + j] |= flags[s + j] & (PG_anon | PG_swapbacked)
+    moved[f] = True
+    if flags[s] & PG_swapbacked:
+        refcount[d] = 2
+        refcount[s] -= 1
+        return True
+    refcount[d] = 1
+    return False
+
+
 @njit(cache=True, nogil=True)
 def batch_move(sel, src, dst, nr, flags, owner, index, refcount, moved):
     """folio_migrate_mapping + folio_migrate_flags without the copy (MIGRATE_NO_COPY).
@@ -103,19 +122,54 @@ def batch_move(sel, src, dst, nr, flags, owner, index, refcount, moved):
     many shmem folios moved (their page-cache slots are updated by the caller)."""
     nshm = 0
     for t in range(sel.shape[0]):
-        f = sel[t]
-        s, d = src[f], dst[f]
-        for j in range(nr[f]):
-            owner[d + j] = owner[s + j]
-            index[d + j] = index[s + j]
-            flags[d + j] |= flags[s + j] & (PG_anon | PG_swapbacked)
-        if flags[s] & PG_swapbacked:
-            refcount[d] = 2
-            refcount[s] -= 1
+        if _move_one(sel[t], src, dst, nr, flags, owner, index, refcount, moved):
             nshm += 1
-        else:
-            refcount[d] = 1
-        moved[f] = True
+    return nshm
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _poisoned(h, n, flags):
+    for j in range(n):
+        if flags[h + j] & PG_hwpoison:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def folio_copy(sel, src, dst, nr, flags, mem, page_size, nt, rc, copied):
+    """folio_mc_copy of each selected folio, one folio after another with the same
+    primitive for every flow (memops.copy; non-temporal stores when ``nt``): -EHWPOISON
+    without reading a poisoned source, else 0. Offsets come from the batch's own frame
+    numbers, never from a job an engine could have edited."""
+    for t in range(sel.shape[0]):
+        f = sel[t]
+        if _poisoned(src[f], nr[f], flags):
+            rc[f] = -EHWPOISON
+            copied[f] = False
+            continue
+        _copy_bytes(mem, dst[f] * page_size, src[f] * page_size, nr[f] * page_size, nt)
+        rc[f] = 0
+        copied[f] = True
+
+
+@njit(cache=True, nogil=True)
+def vanilla_move_copy(sel, src, dst, nr, flags, owner, index, refcount, moved, mem, page_size, nt,
+                      rc, copied):
+    """migrate_folio_move for one folio after another, as mainline did before the series:
+    move a folio's metadata, then folio_mc_copy its data (the same primitive as
+    :func:`folio_copy`), then the next folio. Returns how many shmem folios moved."""
+    nshm = 0
+    for t in range(sel.shape[0]):
+        f = sel[t]
+        if _move_one(f, src, dst, nr, flags, owner, index, refcount, moved):
+            nshm += 1
+        if _poisoned(src[f], nr[f], flags):
+            rc[f] = -EHWPOISON
+            copied[f] = False
+            continue
+        _copy_bytes(mem, dst[f] * page_size, src[f] * page_size, nr[f] * page_size, nt)
+        rc[f] = 0
+        copied[f] = True
     return nshm
 
 
@@ -124,12 +178,7 @@ def folios_poisoned(sel, src, nr, flags, out):
     """Per selected folio: does any of its source pages carry PG_hwpoison?"""
     for t in range(sel.shape[0]):
         f = sel[t]
-        bad = False
-        for j in range(nr[f]):
-            if flags[src[f] + j] & PG_hwpoison:
-                bad = True
-                break
-        out[t] = bad
+        out[t] = _poisoned(src[f], nr[f], flags)
 
 
 @njit(cache=True, nogil=True)

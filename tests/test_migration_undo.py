@@ -454,7 +454,7 @@ def test_engine_errors_are_events_not_exceptions(env):
     r = p.move_pages(0, [a], [1])
     assert r.status == [1] and p.read(a, 3) == b"abc"
     errs = [i for e, i in plug.events if e == "engine_error"]
-    assert len(errs) == 1 and "TypeError" in errs[0]["error"]
+    assert len(errs) == 1 and "PluginError" in errs[0]["error"] and "badtype" in errs[0]["error"]
     copies = [i for e, i in plug.events if e == "batch_copy"]
     assert copies and copies[-1]["fallback"] == 1
 

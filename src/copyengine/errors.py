@@ -18,3 +18,7 @@ def oserror(code: int, detail: str = "") -> OSError:
     if detail:
         msg = f"{msg}: {detail}"
     return OSError(code, msg)
+
+
+class PluginError(RuntimeError):
+    """A plugin broke the hook contract (wrong result, bad frames, ...); names the plugin."""

@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 
 from .errors import EngineUnavailable, oserror
+from .migrate.quarantine import release_quarantine
 from .mm.buddy import BuddyAllocator
 from .mm.folio_ops import free_folios
 from .mm.memmap import MemMap
@@ -26,7 +27,7 @@ DEFAULT_ENGINE = "auto"
 VMSTAT_COUNTERS = (
     "pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migration_fail",
     "thp_migration_split", "pgfault", "pgalloc", "pgfree", "cow_fault", "thp_split_page",
-    "nr_hwpoison",
+    "nr_hwpoison", "copy_engine_errors", "copy_quarantined_pages", "nr_quarantined_pages",
 )
 
 
@@ -77,6 +78,7 @@ class Machine:
         self.engine_spec = None
         self._engine_users = {}   # id(engine) -> migrations using it
         self._retired = {}        # engines replaced while in use, closed by their last user
+        self.quarantine = []      # (completion, heads): destinations an engine may still write
         # The shared zero page: frame 0 of node 0, reserved for the machine's life.
         self.zero_pfn = int(self.buddy.alloc_exact(0, 0, 1)[0])
         mm = self.mem_map
@@ -91,9 +93,12 @@ class Machine:
         if self._closed:
             return
         self._closed = True
+        with self.lock:
+            late = release_quarantine(self, self.settings["copy_timeout"])
         if self._engine is not None:
             self._engine.close()
-        self.phys.close()
+        if not late:  # else an engine may still write: the memory stays mapped (leaked), not torn down under it
+            self.phys.close()
 
     @property
     def closed(self) -> bool:

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import errno
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..engines.base import CopyJob, folio_mc_copy, run_engine
+from ..engines.memops import NT_BYTES
 from ..mm.pageflags import PG_anon, PG_head, PG_isolated, PG_locked, PG_swapbacked
 from . import kernels
+from .batch_copy import BatchInfo, migrate_folios_batch_copy, select_copy_engine
+from .dispatch import Dispatch, unlocked
+from .quarantine import quarantine_folios, release_quarantine
+
 
 MIGRATE_ASYNC, MIGRATE_SYNC_LIGHT, MIGRATE_SYNC = "async", "sync_light", "sync"
 NR_MAX_MIGRATE_PAGES_RETRY = 10
@@ -37,16 +40,6 @@ NR_MAX_MIGRATE_SYNC_RETRY = 7
 #: result code of a large folio that was split; its pages have results of their own
 SPLIT = 1
 PHASES = ("prepare", "unmap", "move", "copy", "finalize")
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """What a policy sees of a batch before its copy (copyengine_select_engine)."""
-    nr_folios: int
-    nr_bytes: int
-    orders: np.ndarray
-    page_size: int
-    target: int
 
 
 class MigrationBatch:
@@ -69,6 +62,8 @@ class MigrationBatch:
         self.rc = np.zeros(n, np.int32)
         self.copied = np.zeros(n, bool)
         self.moved = np.zeros(n, bool)
+        self.stray = np.zeros(n, bool)  # destinations an engine may still write
+        self.stragglers = []  # (completion, folios) of jobs whose engine did not stop
         self.entries = []  # [vma, ev, ep, ef, ew, n]
         self.split = []    # pages of large folios split for want of memory
 
@@ -77,45 +72,6 @@ class MigrationBatch:
 
     def pages(self, heads, sel):
         return self.m.mem_map.folio_pages(heads[sel], self.order[sel])
-
-
-@contextmanager
-def _unlocked(m):
-    """Drop the machine lock around the copy so that accesses elsewhere proceed (and
-    accesses to the batch wait on their migration entries, not on the lock)."""
-    m.lock.release()
-    try:
-        yield
-    finally:
-        m.lock.acquire()
-
-
-def _only_builtin(hook) -> bool:
-    """True when the built-in ``core`` plugin alone implements a hook: the call can then
-    go straight to it (same result, without pluggy's dispatch on the hot path)."""
-    impls = hook.get_hookimpls()
-    return len(impls) == 1 and impls[0].plugin_name == "core"
-
-
-class Dispatch:
-    """How one migrate_pages() call reaches the plugins, looked up once per call: the
-    engine, and which hooks have implementations beyond the built-in ones."""
-
-    __slots__ = ("engine", "direct_alloc", "direct_copy", "select", "events")
-
-    def __init__(self, m, engine):
-        hook = m.pm.hook
-        self.engine = engine
-        self.direct_alloc = _only_builtin(hook.copyengine_alloc_frames)
-        self.direct_copy = _only_builtin(hook.copyengine_batch_copy)
-        self.select = bool(hook.copyengine_select_engine.get_hookimpls())
-        self.events = bool(hook.copyengine_migration_event.get_hookimpls())
-
-
-def _event(m, event, **info):
-    hook = m.pm.hook.copyengine_migration_event
-    if hook.get_hookimpls():
-        hook(machine=m, event=event, info=info)
 
 
 # --------------------------------------------------------------------------- phases
@@ -228,8 +184,14 @@ def migrate_folios_batch_move(b: MigrationBatch, sel) -> None:
     if not len(sel):
         return
     if kernels.batch_move(sel, b.src, b.dst, b.nr, mm.flags, mm.owner, mm.index, mm.refcount, b.moved):
-        sh = sel[(mm.flags[b.src[sel]] & PG_swapbacked) != 0]
-        _set_cache(m, b.pages(b.src, sh), b.pages(b.dst, sh))
+        _move_cache(b, sel)
+
+
+def _move_cache(b, sel):
+    """The page-cache slots of the shmem folios among ``sel`` name their destinations."""
+    mm = b.m.mem_map
+    sh = sel[(mm.flags[b.src[sel]] & PG_swapbacked) != 0]
+    _set_cache(b.m, b.pages(b.src, sh), b.pages(b.dst, sh))
 
 
 def _set_cache(m, old_pages, new_pages):
@@ -254,58 +216,32 @@ def _undo_move(b, sel):
     b.moved[sel] = False
 
 
-def build_copy_job(b: MigrationBatch, sel) -> CopyJob:
-    """The scatter-gather list of a batch: one descriptor per folio, over physical memory."""
+def migrate_folios_vanilla(b: MigrationBatch, sel, engine, d) -> None:
+    """The flow before the series (migrate_folio_move per folio): move a folio's metadata
+    and copy its data, then the next folio, in one compiled call per batch with the
+    machine lock held. When a plugin wraps the copy hook, the moves come first and the
+    copy goes through the hook (one folio at a time all the same: VanillaEngine.copy),
+    so that tracing and fault injection see vanilla as they see every flow."""
     m = b.m
     mm = m.mem_map
-    ps = m.page_size
-    src, dst, nr = b.src[sel], b.dst[sel], b.nr[sel]
-    poisoned = np.empty(len(sel), np.bool_)
-    kernels.folios_poisoned(sel, b.src, b.nr, mm.flags, poisoned)
-    return CopyJob(m.mem, src * ps, dst * ps, nr * ps, np.arange(len(sel), dtype=np.int64), poisoned)
-
-
-def migrate_folios_batch_copy(b: MigrationBatch, sel, engine, dispatch=None) -> None:
-    """Copy the data of every folio in ``sel`` with one call through the copy hook, then
-    folio_mc_copy each folio the engine did not report copied. Runs without the machine
-    lock: accesses to these folios wait on their migration entries meanwhile."""
-    m = b.m
     if not len(sel):
         return
-    job = build_copy_job(b, sel)
-    hook = m.pm.hook
-    d = dispatch or Dispatch(m, engine)
-    chosen = engine
-    if d.select:
-        info = BatchInfo(len(sel), job.total_bytes, b.order[sel], m.page_size, b.target)
-        chosen = hook.copyengine_select_engine(machine=m, batch=info, engine=engine) or engine
-    try:
-        if d.direct_copy:
-            res = run_engine(chosen, job, m.settings["copy_timeout"])
-        else:
-            res = hook.copyengine_batch_copy(machine=m, engine=chosen, job=job)
-        res = np.asarray(res)
-        if res.shape != (len(sel),) or res.dtype.kind not in "iu":
-            raise TypeError(f"engine {chosen.name} returned {res.dtype}{res.shape}, "
-                            f"expected int32[{len(sel)}]")
-        res = res.astype(np.int32)
-    except Exception as e:  # an engine that breaks must not lose the batch: CPU copies all
-        _event(m, "engine_error", engine=chosen.name, error=f"{type(e).__name__}: {e}")
-        res = np.full(len(sel), -errno.EIO, np.int32)
-    redo = np.nonzero(res != 0)[0]
-    if len(redo):
-        res[redo] = folio_mc_copy(job, redo)
-    b.rc[sel] = res
-    b.copied[sel] = res == 0
-    if d.events:
-        _event(m, "batch_copy", engine=chosen.name, folios=len(sel), bytes=job.total_bytes,
-               fallback=len(redo))
+    if not d.direct_copy or engine.capabilities.min_bytes or engine.capabilities.max_batch:
+        migrate_folios_batch_move(b, sel)
+        with unlocked(m):
+            migrate_folios_batch_copy(b, sel, engine, d)
+        return
+    nt = int(b.nr[sel].sum()) * m.page_size >= NT_BYTES
+    if kernels.vanilla_move_copy(sel, b.src, b.dst, b.nr, mm.flags, mm.owner, mm.index, mm.refcount,
+                                 b.moved, m.mem, m.page_size, nt, b.rc, b.copied):
+        _move_cache(b, sel)
 
 
 def migrate_folios_finalize(b: MigrationBatch) -> None:
     """migrate_folio_done / remove_migration_ptes: copied folios go live on the target
     and their sources are freed; every other folio in flight is undone (PTEs back to the
-    source, destination freed). Waiters on migration entries are woken."""
+    source, destination freed, or quarantined while an engine may still write it).
+    Waiters on migration entries are woken."""
     m = b.m
     mm = m.mem_map
     ok = np.nonzero(b.copied)[0]
@@ -322,7 +258,12 @@ def migrate_folios_finalize(b: MigrationBatch) -> None:
         _undo_move(b, undo[b.moved[undo]])
         _restore_ptes(b, undo, to_src=True)
         kernels.unlock(undo, b.src, mm.flags)
-        m.free_folios(b.dst[undo])
+        stray = b.stray[undo]
+        m.free_folios(b.dst[undo[~stray]])
+        for completion, part in b.stragglers:
+            for o in np.unique(b.order[part]).tolist():
+                mine = part[b.order[part] == o]
+                quarantine_folios(m, completion, b.dst[mine], o)
         b.dst[undo] = -1
     m.cond.notify_all()
 
@@ -331,41 +272,40 @@ def migrate_folios_finalize(b: MigrationBatch) -> None:
 def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, dispatch=None):
     """migrate_pages_batch: up to ``nr_pass`` passes over one batch; -EAGAIN folios are
     retried. Returns (heads, rc, split pages): one entry per folio that reached an
-    outcome, rc 0 for migrated, SPLIT for a split large folio, else -errno."""
+    outcome, rc 0 for migrated, SPLIT for a split large folio, else -errno.
+
+    Whatever a hook does, a batch that started is finalized or undone: an exception
+    (KeyboardInterrupt included) fails the folios not yet copied with -EINTR, the batch is
+    settled, no further pass runs, and ``dispatch.exc`` holds it for the caller."""
     d = dispatch or Dispatch(m, m.engine)
-    engine = d.engine
     times = m.migrate_times
     out_h, out_rc, split = [], [], []
     retry = np.asarray(heads, np.int64)
     for _ in range(nr_pass):
-        if not len(retry):
+        if not len(retry) or d.exc is not None:
             break
         b = MigrationBatch(m, retry, target)
-        if d.events:
-            _event(m, "batch_start", target=target, folios=len(b), mode=mode)
-        t0 = time.perf_counter()
-        migrate_folios_prepare(b, nosplit, d.direct_alloc)
-        t1 = time.perf_counter()
-        migrate_folio_unmap(b)
-        t2 = time.perf_counter()
-        sel = np.nonzero((b.rc == 0) & (b.dst >= 0))[0]
-        if getattr(engine, "batched", True):
-            migrate_folios_batch_move(b, sel)
-            t3 = time.perf_counter()
-            with _unlocked(m):
-                migrate_folios_batch_copy(b, sel, engine, d)
-            t4 = time.perf_counter()
-        else:  # vanilla: each folio copied inside its own move step
-            tc = 0.0
-            for i in sel.tolist():
-                one = np.array([i])
-                migrate_folios_batch_move(b, one)
-                tx = time.perf_counter()
-                b.rc[i] = folio_mc_copy(build_copy_job(b, one), np.zeros(1, np.int64))[0]
-                b.copied[i] = b.rc[i] == 0
-                tc += time.perf_counter() - tx
-            t4 = time.perf_counter()
-            t3 = t4 - tc
+        t0 = t1 = t2 = t3 = t4 = time.perf_counter()
+        try:
+            d.event("batch_start", target=target, folios=len(b), mode=mode)
+            migrate_folios_prepare(b, nosplit, d.direct_alloc)
+            t1 = time.perf_counter()
+            migrate_folio_unmap(b)
+            t2 = time.perf_counter()
+            sel = np.nonzero((b.rc == 0) & (b.dst >= 0))[0]
+            engine = select_copy_engine(b, sel, d)
+            if engine.capabilities.batched:
+                migrate_folios_batch_move(b, sel)
+                t3 = time.perf_counter()
+                with unlocked(m):
+                    migrate_folios_batch_copy(b, sel, engine, d)
+            else:
+                t3 = time.perf_counter()
+                migrate_folios_vanilla(b, sel, engine, d)
+        except BaseException as e:  # noqa: B036 - settled below, re-raised by migrate_pages
+            d.failed(e)
+            b.rc[(b.rc == 0) & ~b.copied] = -errno.EINTR
+        t4 = time.perf_counter()
         migrate_folios_finalize(b)
         t5 = time.perf_counter()
         times["prepare"] += t1 - t0
@@ -374,7 +314,7 @@ def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, dispatch
         times["copy"] += t4 - t3
         times["finalize"] += t5 - t4
         again = b.rc == -errno.EAGAIN
-        if again.any():
+        if again.any() and d.exc is None:
             out_h.append(b.src[~again])
             out_rc.append(b.rc[~again])
             retry = b.src[again]
@@ -384,10 +324,10 @@ def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, dispatch
             retry = retry[:0]
         split.extend(b.split)
         if d.events:
-            _event(m, "batch_end", target=target, heads=b.src, rc=b.rc)
+            d.event("batch_end", target=target, heads=b.src, rc=b.rc)
     if len(retry):
         out_h.append(retry)
-        out_rc.append(np.full(len(retry), -errno.EAGAIN, np.int32))
+        out_rc.append(np.full(len(retry), -errno.EAGAIN if d.exc is None else -errno.EINTR, np.int32))
     return (np.concatenate(out_h) if len(out_h) != 1 else out_h[0],
             np.concatenate(out_rc) if len(out_rc) != 1 else out_rc[0],
             np.concatenate(split) if split else np.empty(0, np.int64))
@@ -429,11 +369,19 @@ def migrate_pages_sync(m, heads, target, mode, d=None):
     return np.concatenate(outs_h), np.concatenate(outs_rc), np.concatenate(splits)
 
 
+def _interrupted(heads):
+    return heads, np.full(len(heads), -errno.EINTR, np.int32), np.empty(0, np.int64)
+
+
 def migrate_pages(m, heads, target, mode=None):
     """migrate_pages(): migrate isolated folios to ``target`` in batches of at most
     ``nr_max_batched_migration`` base pages. Returns (heads, rc): one outcome per folio
     and per piece of a split folio (0 migrated, SPLIT, or -errno; -EBUSY for folios
-    still busy after every retry). Folios not migrated are put back; vmstat is counted."""
+    still busy after every retry). Folios not migrated are put back; vmstat is counted.
+
+    If a hook raised (see :class:`Dispatch`), the batch in flight is settled, later
+    batches do not run, every folio not migrated is put back and counted, and then the
+    exception propagates: the machine is consistent again when the caller sees it."""
     mode = mode or m.settings["migrate_mode"]
     heads = np.asarray(heads, np.int64)
     mm = m.mem_map
@@ -441,15 +389,19 @@ def migrate_pages(m, heads, target, mode=None):
     orders = mm.order[heads].astype(np.int64)
     ends = np.cumsum(np.left_shift(1, orders))
     res_h, res_rc, res_piece = [], [], []
+    if m.quarantine:
+        release_quarantine(m)
     engine = m.get_engine()
+    d = Dispatch(m, engine)
     try:
-        d = Dispatch(m, engine)
         start = 0
         while start < len(heads):
             base = ends[start - 1] if start else 0
             stop = max(int(np.searchsorted(ends, base + limit, side="right")), start + 1)
             batch = heads[start:stop]
-            if mode == MIGRATE_ASYNC:
+            if d.exc is not None:
+                h, rc, split = _interrupted(batch)
+            elif mode == MIGRATE_ASYNC:
                 h, rc, split = migrate_pages_batch(m, batch, target, mode, NR_MAX_MIGRATE_PAGES_RETRY,
                                                    dispatch=d)
             else:
@@ -458,8 +410,11 @@ def migrate_pages(m, heads, target, mode=None):
             res_rc.append(rc)
             res_piece.append(np.zeros(len(h), bool))
             if len(split):  # the pieces of split folios, as base pages, without splitting again
-                h2, rc2, _ = migrate_pages_batch(m, split, target, MIGRATE_ASYNC,
-                                                 NR_MAX_MIGRATE_PAGES_RETRY, nosplit=True, dispatch=d)
+                if d.exc is not None:
+                    h2, rc2, _ = _interrupted(split)
+                else:
+                    h2, rc2, _ = migrate_pages_batch(m, split, target, MIGRATE_ASYNC,
+                                                     NR_MAX_MIGRATE_PAGES_RETRY, nosplit=True, dispatch=d)
                 res_h.append(h2)
                 res_rc.append(rc2)
                 res_piece.append(np.ones(len(h2), bool))
@@ -478,15 +433,20 @@ def migrate_pages(m, heads, target, mode=None):
         o[whole] = [order_of[x] for x in h[whole].tolist()]
     nr = np.left_shift(1, o)
     thp = o == m.max_order
-    ok, split_, fail = rc == 0, rc == SPLIT, (rc != 0) & (rc != SPLIT)
+    ok, split_ = rc == 0, rc == SPLIT
+    fail = ~ok & ~split_
+    counted = fail & (rc != -errno.EINTR)  # interrupted folios were not attempted to the end
     m.count("pgmigrate_success", int(nr[ok].sum()))
-    m.count("pgmigrate_fail", int(nr[fail].sum()))
+    m.count("pgmigrate_fail", int(nr[counted].sum()))
     m.count("thp_migration_success", int((thp & ok).sum()))
-    m.count("thp_migration_fail", int((thp & (fail | split_)).sum()))
+    m.count("thp_migration_fail", int((thp & (counted | split_)).sum()))
     m.count("thp_migration_split", int((thp & split_).sum()))
     putback_movable_folios(m, h[fail])
-    for code in np.unique(rc[fail]).tolist():
-        _event(m, "folio_fail", rc=int(code), heads=h[fail][rc[fail] == code])
+    if d.events and d.exc is None:
+        for code in np.unique(rc[fail]).tolist():
+            d.event("folio_fail", rc=int(code), heads=h[fail][rc[fail] == code])
+    if d.exc is not None:
+        raise d.exc
     return MigrateResult(h, rc, piece)
 
 

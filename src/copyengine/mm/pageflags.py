@@ -15,3 +15,4 @@ PG_allocated = np.uint32(1 << 8)   # frame belongs to an allocated folio (not fr
 # owner values that are not ids of an anon_vma or shmem object
 OWNER_NONE = 0        # free, or allocated but not yet mapped (a migration destination)
 OWNER_ZERO_PAGE = -1
+OWNER_QUARANTINE = -2  # a destination an engine may still write (migrate/quarantine.py)

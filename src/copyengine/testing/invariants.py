@@ -36,7 +36,7 @@ import hashlib
 
 import numpy as np
 
-from ..mm.pageflags import (OWNER_ZERO_PAGE, PG_allocated, PG_anon, PG_head, PG_hwpoison,
+from ..mm.pageflags import (OWNER_QUARANTINE, OWNER_ZERO_PAGE, PG_allocated, PG_anon, PG_head, PG_hwpoison,
                             PG_isolated, PG_locked, PG_nonzero, PG_reserved, PG_swapbacked)
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT, PTE_WRITE
 
@@ -253,7 +253,7 @@ def _check_machine(m):
     _expect(not len(bad), "tail pages with a refcount or pincount", bad)
     # private or shared anonymous memory, with an owner
     kind = flags[pages] & (PG_anon | PG_swapbacked)
-    user = pages != z
+    user = (pages != z) & (mm.owner[pages] != OWNER_QUARANTINE)  # quarantined: nobody's, on purpose
     bad = pages[user & ~((kind == PG_anon) | (kind == PG_swapbacked))]
     _expect(not len(bad), "allocated page neither PG_anon nor PG_swapbacked (or both)", bad)
     bad = pages[user & (mm.owner[pages] <= 0)]
@@ -351,7 +351,7 @@ def _check_machine(m):
             "shmem folio of a live object missing from its page cache", sb[~orphan_ok] if len(sb) else None)
 
     # ---- references: map counts + page cache + pins, and never zero
-    uh = heads[heads != z]
+    uh = heads[(heads != z) & (mm.owner[heads] != OWNER_QUARANTINE)]
     fol_maps = np.bincount(h, weights=mm.mapcount[pages], minlength=n).astype(np.int64)
     want = fol_maps[uh] + cache_ref[uh] + mm.pincount[uh]
     bad = np.nonzero(mm.refcount[uh] != want)[0]

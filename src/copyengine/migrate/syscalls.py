@@ -16,7 +16,7 @@ from ..errors import oserror
 from ..mm.pageflags import PG_isolated
 from ..mm.process import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL
 from ..mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
-from .core import folio_isolate_lru, migrate_pages as migrate_folios
+from .core import folio_isolate_lru, migrate_pages as migrate_folios, putback_movable_folios
 
 QUEUE = 1 << 30  # classification: the folio can be queued for migration
 
@@ -188,11 +188,44 @@ class _Pending:
         self.heads.append(heads)
         self.pfns.append(pfns)
 
+    def take(self):
+        """Everything queued, as three arrays; the queue is empty afterwards."""
+        out = tuple(np.concatenate(x) for x in (self.entries, self.heads, self.pfns))
+        self.entries, self.heads, self.pfns = [], [], []
+        return out
+
     def __bool__(self):
         return bool(self.entries)
 
 
+#: entries looked up at once after a migration changed the pages (grows while none does)
+LOOKUP_WINDOW = 256
+
+
+def _stoppers(code, head):
+    """Entries that end a queue run: not queueable, or a folio already queued earlier in
+    the same lookup (isolation would fail: -EBUSY). Returns (positions, is-duplicate)."""
+    q = code == QUEUE
+    dup = np.zeros(len(code), bool)
+    if q.any():
+        qi = np.flatnonzero(q)
+        hq = head[qi]
+        if len(hq) > 1 and not (hq[1:] > hq[:-1]).all():  # else all distinct
+            _, first = np.unique(hq, return_index=True)
+            d = np.ones(len(qi), bool)
+            d[first] = False
+            dup[qi[d]] = True
+    return np.flatnonzero(~q | dup), dup
+
+
 def do_pages_move(target, addrs, nodes, migrate_all) -> MovePagesResult:
+    """do_pages_move: entries in order; runs of one node are queued and flushed when the
+    node changes or an entry is not queued (its status is stored first).
+
+    Linear in the entries: they are looked up a window at a time, and looked up again
+    only after a flush migrated something (the pages after it may have changed). Whatever
+    goes wrong (a hook raising, an interrupt), folios still queued are put back before
+    the exception propagates."""
     m = target.machine
     n = len(addrs)
     if not n:
@@ -205,20 +238,16 @@ def do_pages_move(target, addrs, nodes, migrate_all) -> MovePagesResult:
 
     def flush():
         """move_pages_and_store_status: migrate the queue, one status per entry."""
-        nonlocal failed, pending
+        nonlocal failed
         if not pending:
             return False
-        entries = np.concatenate(pending.entries)
-        heads = np.concatenate(pending.heads)
-        pfns = np.concatenate(pending.pfns)
-        pending = _Pending()
+        entries, heads, pfns = pending.take()
         res = migrate_folios(m, heads, current).status_of(heads, pfns)
-        st = np.where(res == 0, current, res)
-        status[entries] = st
+        status[entries] = np.where(res == 0, current, res)
         failed += int((res != 0).sum())
         return True
 
-    runs = np.concatenate(([0], np.nonzero(np.diff(nodes))[0] + 1, [n]))
+    runs = np.concatenate(([0], np.flatnonzero(np.diff(nodes)) + 1, [n]))
     try:
         for r in range(len(runs) - 1):
             i, j = int(runs[r]), int(runs[r + 1])
@@ -230,38 +259,36 @@ def do_pages_move(target, addrs, nodes, migrate_all) -> MovePagesResult:
             if current is not None and node != current:
                 flush()
             current = node
-            pos = i
+            pos, window = i, LOOKUP_WINDOW
             while pos < j:
-                base = pos
-                code, head, pfn = lookup_pages(target, addrs[base:j], node, migrate_all)
-                while pos < j:
-                    off = pos - base
-                    c, h = code[off:], head[off:]
-                    q = c == QUEUE
-                    dup = np.zeros(len(c), bool)
-                    if q.any():  # a folio already queued: isolation fails, -EBUSY
-                        qi = np.nonzero(q)[0]
-                        hq = h[qi]
-                        if len(hq) > 1 and not (hq[1:] > hq[:-1]).all():  # else all distinct
-                            _, first = np.unique(hq, return_index=True)
-                            d = np.ones(len(qi), bool)
-                            d[first] = False
-                            dup[qi[d]] = True
-                    stop = np.nonzero(~q | dup)[0]
-                    k = int(stop[0]) if len(stop) else len(c)
-                    if k:
-                        folio_isolate_lru(m, h[:k])
-                        pending.add(np.arange(pos, pos + k), h[:k].copy(), pfn[off:off + k].copy())
-                        reached[pos:pos + k] = True
-                    if k == len(c):
-                        pos = j
+                hi = min(j, pos + window)
+                code, head, pfn = lookup_pages(target, addrs[pos:hi], node, migrate_all)
+                stops, dup = _stoppers(code, head)
+                off, si, moved = 0, 0, False
+                while off < hi - pos:
+                    k = int(stops[si]) if si < len(stops) else hi - pos
+                    if k > off:  # a run of queueable entries
+                        folio_isolate_lru(m, head[off:k])
+                        pending.add(np.arange(pos + off, pos + k), head[off:k].copy(), pfn[off:k].copy())
+                    if k == hi - pos:
                         break
-                    e = pos + k
-                    status[e] = -errno.EBUSY if dup[k] else c[k]
-                    reached[e] = True
-                    pos = e + 1
+                    if not pending:  # nothing to flush: store every stopper up to the next queue run
+                        e = si
+                        while e + 1 < len(stops) and stops[e + 1] == stops[e] + 1:
+                            e += 1
+                        seg = stops[si:e + 1]
+                        status[pos + seg] = np.where(dup[seg], -errno.EBUSY, code[seg])
+                        si, off = e + 1, int(stops[e]) + 1
+                        continue
+                    status[pos + k] = -errno.EBUSY if dup[k] else code[k]
+                    si, off = si + 1, k + 1
                     if flush():
+                        moved = True
                         break  # folios moved: look the rest of the run up again
+                end = pos + off if moved else hi
+                reached[pos:end] = True
+                pos = end
+                window = LOOKUP_WINDOW if moved else min(2 * window, 1 << 16)
         flush()
     except _Stop as stop:
         flush()
@@ -269,6 +296,10 @@ def do_pages_move(target, addrs, nodes, migrate_all) -> MovePagesResult:
         err = oserror(stop.errno, stop.detail)
         err.status = st
         raise err from None
+    except BaseException:
+        if pending:  # queued but never migrated: back on the LRU before the error propagates
+            putback_movable_folios(m, pending.take()[1])
+        raise
     return MovePagesResult(failed, status.tolist())
 
 

@@ -16,6 +16,7 @@ from ..errors import oserror
 from ..mm.pageflags import PG_isolated
 from ..mm.process import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL
 from ..mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
+from .fastpath import move_pages_fast
 from .core import folio_isolate_lru, migrate_pages as migrate_folios, putback_movable_folios
 
 QUEUE = 1 << 30  # classification: the folio can be queued for migration
@@ -230,6 +231,11 @@ def do_pages_move(target, addrs, nodes, migrate_all) -> MovePagesResult:
     n = len(addrs)
     if not n:
         return MovePagesResult(0, [])
+    node = int(nodes[0])
+    if (n == 1 or (nodes == node).all()) and 0 <= node < m.nodes and node in target.mems_allowed:
+        fast = move_pages_fast(target, addrs, node)  # None: the call needs the full path
+        if fast is not None:
+            return MovePagesResult(fast[0], fast[1].tolist())
     status = np.zeros(n, np.int64)
     reached = np.zeros(n, bool)
     failed = 0

@@ -1,0 +1,329 @@
+"""The cheap path of move_pages(2): a call that needs no special handling runs from its
+lookups to its statuses in a few compiled calls.
+
+Most calls of a tiering policy or a benchmark move private anonymous pages of one mapping
+to one node, none of them shared, pinned, poisoned or already queued. For such a call the
+kernel's order of work (do_pages_move -> add_page_for_migration for each entry ->
+migrate_pages -> migrate_pages_batch: prepare, unmap, batch move, batch copy, finalize)
+is kept exactly, but each step is one compiled call over the whole call's folios instead
+of dozens of small array operations, and no plugin hook is dispatched because none is
+implemented beyond the built-in ones (:func:`eligible_machine` checks that).
+
+Anything unusual sends the call to the full path *before* anything changed: an entry
+outside the first VMA, a shared or shmem mapping, a folio that is shared, pinned,
+poisoned, partly mapped, locked or isolated, a duplicate folio, a migration entry, a node
+that cannot supply every destination, an asynchronous engine, a hook implemented by a
+plugin, a quarantine in force. What the cheap path then does gives the same statuses,
+counters and memory contents as the full path (tests/test_fastpath.py proves it on
+random calls); only plugin-visible events would differ, and it runs only when no plugin
+can see them.
+"""
+from __future__ import annotations
+
+import errno
+import time
+
+import numpy as np
+from numba import njit
+
+from ..engines.memops import NT_BYTES
+from ..engines.serial import SerialEngine
+from ..mm.buddy import alloc_blocks, free_one, rmqueue_bulk
+from ..mm.folio_ops import free_folios, prep_new_folios
+from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked
+from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT
+from . import kernels
+from .batch_copy import _engine_copy, _zero_page_intact
+from .core import MigrationBatch, migrate_folios_finalize, putback_movable_folios
+from .dispatch import Dispatch
+
+_ENOENT, _EFAULT = -errno.ENOENT, -errno.EFAULT
+_BUSY = PG_locked | PG_isolated
+_UNISOLATE = np.uint32(0xFFFFFFFF & ~int(PG_isolated))
+_HOOKS = ("copyengine_alloc_frames", "copyengine_batch_copy", "copyengine_select_engine",
+          "copyengine_migration_event")
+
+
+@njit(cache=True, nogil=True)
+def lookup_and_isolate(addrs, start, end, page_shift, ptes, node, fpn, zero_pfn, oid, flags,
+                       refcount, pincount, mapcount, order, head, owner, status, queue, qheads):
+    """add_page_for_migration + folio_isolate_lru for every entry, where every folio to
+    move is an exclusively mapped, unpinned, unpoisoned private folio of this VMA's
+    anon_vma, all of one size. ``status[i]`` gets the node, -ENOENT or -EFAULT;
+    ``queue[i]`` the index of the entry's folio in ``qheads`` (or -1). Returns how many
+    folios were isolated, or -1 with nothing changed when an entry needs the full path."""
+    nq = 0
+    bail = False
+    qorder = -1
+    for i in range(addrs.shape[0]):
+        queue[i] = -1
+        a = addrs[i]
+        if a < start or a >= end:
+            bail = True
+            break
+        pt = ptes[(a - start) >> page_shift]
+        if pt == 0:
+            status[i] = _ENOENT
+            continue
+        if (pt & PTE_MIGRATION) != 0 or (pt & PTE_PRESENT) == 0:
+            bail = True
+            break
+        p = np.int64(pt >> PFN_SHIFT)
+        if p == zero_pfn:
+            status[i] = _EFAULT
+            continue
+        h = head[p]
+        if h // fpn == node:
+            status[i] = node
+            continue
+        f = flags[h]
+        if (f & PG_anon) == 0 or (f & _BUSY) != 0 or owner[h] != oid or pincount[h] != 0:
+            bail = True  # also a folio queued by an earlier entry: -EBUSY semantics
+            break
+        if qorder < 0:
+            qorder = order[h]
+        nr = 1 << order[h]
+        maps = 0
+        for j in range(nr):
+            if (flags[h + j] & PG_hwpoison) != 0 or mapcount[h + j] > 1:
+                bail = True
+            maps += mapcount[h + j]
+        if bail or refcount[h] != maps or (nr > 1 and maps != nr) or order[h] != qorder:
+            bail = True
+            break
+        flags[h] |= PG_isolated
+        refcount[h] += 1
+        status[i] = node
+        queue[i] = nq
+        qheads[nq] = h
+        nq += 1
+    if not bail:
+        return nq
+    _putback(qheads, nq, flags, refcount)
+    return -1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _putback(qheads, nq, flags, refcount):
+    for t in range(nq):
+        h = qheads[t]
+        flags[h] &= _UNISOLATE
+        refcount[h] -= 1
+
+
+@njit(cache=True, nogil=True)
+def alloc_destinations(qheads, nq, node, order, dst, fpn, max_order, nxt, prv, free_order, free_head,
+                       nr_free, flags, refcount, pincount, mapcount, order_a, head, owner, index,
+                       private):
+    """get_new_folio for every isolated folio, in one go and in address order (as
+    BuddyAllocator.alloc hands them out). If the node cannot supply them all, everything
+    is given back (blocks freed, folios put back) and 0 is returned: the full path then
+    splits or fails folios for want of memory. Else returns ``nq``."""
+    if order == 0:
+        got = rmqueue_bulk(node, nq, dst, max_order, nxt, prv, free_order, free_head, nr_free)
+    else:
+        got = alloc_blocks(node, order, nq, dst, max_order, nxt, prv, free_order, free_head, nr_free)
+    if got < nq:
+        for t in range(got):
+            free_one(dst[t], order, fpn, max_order, nxt, prv, free_order, free_head, nr_free)
+        _putback(qheads, nq, flags, refcount)
+        return 0
+    dst[:nq].sort()
+    prep_new_folios(dst[:nq], order, np.uint32(0), flags, refcount, pincount, mapcount, order_a, head,
+                    owner, index, private)
+    return nq
+
+
+@njit(cache=True, nogil=True)
+def unmap_and_move(n, src, dst, nr, oid, owner, index, pgoff, ptes, flags, mapcount, refcount,
+                   ev, ep, ef, ew, rc, moved, sel, do_move):
+    """migrate_folio_unmap (try_to_migrate over the one VMA) and, for the batched flow,
+    migrate_folios_batch_move of ``n`` prepared folios. Returns the migration entries
+    written, or -1 if a reference check failed (impossible for eligible folios)."""
+    for f in range(n):
+        sel[f] = f
+        flags[dst[f]] |= PG_locked
+    k = kernels.unmap_vma(sel, src, nr, oid, owner, index, pgoff, ptes, flags, mapcount, refcount,
+                          ev, ep, ef, ew)
+    if kernels.ref_check(sel, src, flags, refcount, rc):
+        return -1
+    if do_move:
+        kernels.batch_move(sel, src, dst, nr, flags, owner, index, refcount, moved)
+    return k
+
+
+@njit(cache=True, nogil=True)
+def finalize_all(sel, src, dst, nr, ev, ep, ef, ew, k, want, ptes, flags, refcount, pincount,
+                 mapcount, order, head, owner, index, private, fpn, max_order, nxt, prv, free_order,
+                 free_head, nr_free):
+    """migrate_folios_finalize when every folio was copied: PTEs to the destinations,
+    destinations unlocked and live, sources unlocked and freed. Returns pages freed."""
+    kernels.restore_vma(ev, ep, ef, ew, k, want, True, src, dst, ptes, mapcount, refcount)
+    kernels.finalize_done(sel, src, dst, nr, flags, refcount)
+    return free_folios(src, flags, refcount, pincount, mapcount, order, head, owner, index, private,
+                       fpn, max_order, nxt, prv, free_order, free_head, nr_free)
+
+
+def eligible_machine(m) -> bool:
+    """No plugin beyond the built-ins implements a hook the migration calls, and no
+    quarantine is pending: nothing could tell the cheap path from the full one."""
+    if m.quarantine:
+        return False
+    hook = m.pm.hook
+    for name in _HOOKS:
+        impls = getattr(hook, name).get_hookimpls()
+        if impls and (len(impls) > 1 or impls[0].plugin_name != "core"):
+            return False
+    return True
+
+
+def move_pages_fast(target, addrs, node):
+    """do_pages_move for a call whose entries all go to ``node``, on the cheap path.
+    Returns (ret, status array), or None (nothing changed) when the call needs the full
+    path. Called with the machine lock held, after the call-level checks."""
+    m = target.machine
+    engine = m.engine
+    if engine.capabilities.asynchronous or not eligible_machine(m):
+        return None
+    vma = target.find_vma(int(addrs[0]))
+    if vma is None or vma.obj.shared or len(vma.obj.vmas) != 1:
+        return None
+    mm = m.mem_map
+    n = len(addrs)
+    status = np.empty(n, np.int64)
+    queue = np.empty(n, np.int64)
+    qheads = np.empty(n, np.int64)
+    nq = lookup_and_isolate(addrs, vma.start, vma.end, m.page_shift, vma.ptes, node, m.frames_per_node,
+                            m.zero_pfn, vma.obj.id, mm.flags, mm.refcount, mm.pincount, mm.mapcount,
+                            mm.order, mm.head, mm.owner, status, queue, qheads)
+    if nq <= 0:
+        return (0, status) if nq == 0 else None
+    t0 = time.perf_counter()
+    heads = qheads[:nq]
+    order = int(mm.order[heads[0]])
+    dst = np.empty(nq, np.int64)
+    if not alloc_destinations(heads, nq, node, order, dst, m.frames_per_node, m.max_order,
+                              *m.buddy.lists(), *mm.arrays()):
+        return None
+    m._vmstat["pgalloc"] += nq << order
+    m.migrate_times["prepare"] += time.perf_counter() - t0
+    rc = migrate_folios_fast(m, vma, heads, dst, order, node, engine)
+    failed = rc != 0
+    if failed.any():
+        st = rc[queue[queue >= 0]]
+        status[queue >= 0] = np.where(st == 0, node, st)
+        return int(failed.sum()), status
+    return 0, status
+
+
+def migrate_folios_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
+    """migrate_pages() over eligible folios, batch after batch as the full path cuts them,
+    each batch in three compiled steps (unmap + move, copy, finalize). Returns the
+    per-folio outcome (0, or -errno for a folio that a concurrent hwpoison or a failing
+    engine undid) and counts vmstat as migrate_pages does. An exception from the engine
+    (an interrupt) propagates once the batch is settled and every other folio put back."""
+    nr1 = 1 << order
+    per_batch = max(m.settings["nr_max_batched_migration"] // nr1, 1)
+    out = np.full(len(heads), -errno.EINTR, np.int32)
+    exc = None
+    m.get_engine()  # held like the full path holds it: a set_engine meanwhile closes it after us
+    try:
+        for lo in range(0, len(heads), per_batch):
+            hi = min(lo + per_batch, len(heads))
+            try:
+                out[lo:hi] = _migrate_batch_fast(m, vma, heads[lo:hi], dst[lo:hi], order, node, engine)
+            except BaseException as e:  # noqa: B036 - the batch is settled; re-raised below
+                exc = e
+                m.free_folios(dst[hi:], undo=True)  # destinations of batches never started
+                break
+    finally:
+        m.put_engine(engine)
+    ok = out == 0
+    nok = int(ok.sum())
+    m.count("pgmigrate_success", nok * nr1)
+    if order == m.max_order:
+        m.count("thp_migration_success", nok)
+    if nok != len(out):
+        fail = ~ok
+        counted = int((fail & (out != -errno.EINTR)).sum())
+        m.count("pgmigrate_fail", counted * nr1)
+        if order == m.max_order:
+            m.count("thp_migration_fail", counted)
+        putback_movable_folios(m, heads[fail])
+    if exc is not None:
+        raise exc
+    return out
+
+
+def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
+    """One batch: unmap + move, copy, finalize. Returns the per-folio outcome."""
+    mm = m.mem_map
+    times = m.migrate_times
+    t0 = time.perf_counter()
+    b = MigrationBatch(m, heads, node)
+    b.dst[:] = dst
+    n = len(heads)
+    npages = n << order
+    ev, ep, ef = (np.empty(npages, np.int64) for _ in range(3))
+    ew = np.empty(npages, np.uint64)
+    sel = np.empty(n, np.int64)
+    batched = engine.capabilities.batched
+    k = unmap_and_move(n, b.src, b.dst, b.nr, vma.obj.id, mm.owner, mm.index, vma.pgoff, vma.ptes,
+                       mm.flags, mm.mapcount, mm.refcount, ev, ep, ef, ew, b.rc, b.moved, sel, batched)
+    if k < 0:
+        raise AssertionError("cheap path: an eligible folio failed its reference check")
+    b.entries.append([vma, ev, ep, ef, ew, k])
+    t1 = time.perf_counter()
+    nt = npages * m.page_size >= NT_BYTES
+    try:
+        if not batched:
+            kernels.vanilla_move_copy(sel, b.src, b.dst, b.nr, mm.flags, mm.owner, mm.index, mm.refcount,
+                                      b.moved, m.mem, m.page_size, nt, b.rc, b.copied)
+        else:
+            m.lock.release()  # as dispatch.unlocked, without a generator per batch
+            try:
+                if type(engine) is SerialEngine:
+                    kernels.folio_copy(sel, b.src, b.dst, b.nr, mm.flags, m.mem, m.page_size, nt, b.rc,
+                                       b.copied)
+                else:
+                    _copy_with_engine(b, sel, engine, Dispatch(m, engine), nt)
+            finally:
+                m.lock.acquire()
+    except BaseException:
+        b.rc[~b.copied] = -errno.EINTR
+        migrate_folios_finalize(b)
+        raise
+    t2 = time.perf_counter()
+    if b.copied.all():
+        freed = finalize_all(sel, b.src, b.dst, b.nr, ev, ep, ef, ew, k, b.copied, vma.ptes, *mm.arrays(),
+                             m.frames_per_node, m.max_order, *m.buddy.lists())
+        m._vmstat["pgfree"] += int(freed)
+        if batched:
+            m.cond.notify_all()
+    else:
+        migrate_folios_finalize(b)
+    t3 = time.perf_counter()
+    times["unmap"] += t1 - t0
+    times["copy"] += t2 - t1
+    times["finalize"] += t3 - t2
+    return b.rc
+
+
+def _copy_with_engine(b, sel, engine, d, nt):
+    """The batch copy of migrate_folios_batch_copy for a synchronous engine reached
+    without pluggy: the engine's job, its checked result, the CPU for the rest."""
+    m = b.m
+    caps = engine.capabilities
+    res = np.full(len(sel), -errno.EOPNOTSUPP, np.int32)
+    if int(b.nr.sum()) * m.page_size >= caps.min_bytes:
+        step = caps.max_batch if caps.max_batch > 0 else len(sel)
+        for lo in range(0, len(sel), step):
+            res[lo:lo + step] = _engine_copy(b, sel[lo:lo + step], engine, d)
+        if not _zero_page_intact(b, engine, d):
+            res[res == 0] = -errno.EIO
+    b.rc[:] = res
+    b.copied[:] = res == 0
+    redo = np.flatnonzero(res != 0)
+    if len(redo):
+        mm = m.mem_map
+        kernels.folio_copy(redo, b.src, b.dst, b.nr, mm.flags, m.mem, m.page_size, nt, b.rc, b.copied)

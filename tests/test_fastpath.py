@@ -1,0 +1,154 @@
+"""The cheap path of move_pages (migrate/fastpath.py) gives exactly what the full path
+gives: statuses, ret, vmstat counters, where every page ends and what it reads, on random
+calls mixing the cases it takes (private pages of one mapping to one node, 4 KiB and
+large folios, never-touched and zero pages, pages already there) with the cases it must
+hand to the full path before changing anything (shared, pinned, poisoned, duplicate,
+mixed nodes, several mappings, no memory on the target). A passive observer plugin
+forces the full path on the reference machine."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import copyengine as ce
+import copyengine.migrate.syscalls as syscalls
+from copyengine.plugins import make_plugin_manager
+from copyengine.testing.faults import poison_page
+from copyengine.testing.invariants import check_machine
+from helpers import pattern
+
+PS = 4096
+COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migration_fail",
+            "thp_migration_split", "pgalloc", "pgfree", "nr_hwpoison", "pgfault")
+
+
+class Watcher:
+    """Sees migration events: its presence alone sends every call down the full path."""
+
+    @ce.hookimpl
+    def copyengine_migration_event(self, machine, event, info):
+        pass
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    taken = []
+    real = syscalls.move_pages_fast
+
+    def spy(target, addrs, node):
+        out = real(target, addrs, node)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(syscalls, "move_pages_fast", spy)
+    return taken
+
+
+def run(sc, full):
+    pm = make_plugin_manager(entry_points=False, plugins=[Watcher()] if full else [])
+    size = "8MiB" if sc["tight"] else "32MiB"
+    with ce.Machine(nodes=2, node_size=size, plugin_manager=pm) as m:
+        m.set_engine(sc["engine"])
+        m.settings["nr_max_batched_migration"] = sc["batch"]
+        p = m.spawn()
+        n = sc["pages"]
+        fs = "2MiB" if sc["thp"] else None
+        a = p.mmap(max(n * PS, 2 << 20) if fs else n * PS, folio_size=fs)
+        written = [i for i in range(n) if i not in sc["untouched"]]
+        for i in written:
+            p.write(a + i * PS, pattern(64, i))
+        for i in sc["read_only"]:
+            if i in sc["untouched"]:
+                p.read(a + i * PS, 1)  # maps the zero page (or the huge zero page)
+        other = p.mmap(4 * PS) if sc["second_vma"] else None
+        if other is not None:
+            p.write(other, b"o" * 4 * PS)
+        child = p.fork() if sc["fork"] else None
+        pins = [p.pin(a + i * PS, PS) for i in sc["pins"] if i in written]
+        for i in sc["poison"]:
+            if i in written:
+                poison_page(p, a + i * PS)
+        addrs = [a + i * PS for i in sc["entries"]]
+        if other is not None:
+            addrs.append(other)
+        nodes = [sc["node"]] * len(addrs)
+        if sc["mixed"] and addrs:
+            nodes[-1] = 1 - sc["node"]
+        r = p.move_pages(0, addrs, nodes)
+        where, reads = [], []
+        for x in addrs:
+            try:
+                where.append(p.node_of(x))
+            except OSError as e:
+                where.append(-e.errno)
+            try:
+                reads.append(p.read(x, 64))
+            except OSError as e:
+                reads.append(-e.errno)
+        for pin in pins:
+            pin.release()
+        if child is not None:
+            child.exit()
+        check_machine(m)
+        return r.ret, r.status, where, reads, {k: m.vmstat[k] for k in COUNTERS}
+
+
+calls = st.fixed_dictionaries({
+    "engine": st.sampled_from(["serial", "vanilla", "mt:1", "mt:2"]),
+    "batch": st.sampled_from([1, 4, 512]),
+    "pages": st.integers(1, 24),
+    "thp": st.booleans(),
+    "tight": st.booleans(),
+    "untouched": st.lists(st.integers(0, 23), max_size=3, unique=True),
+    "read_only": st.lists(st.integers(0, 23), max_size=2, unique=True),
+    "second_vma": st.booleans(),
+    "fork": st.booleans(),
+    "pins": st.lists(st.integers(0, 23), max_size=2, unique=True),
+    "poison": st.lists(st.integers(0, 23), max_size=2, unique=True),
+    "entries": st.lists(st.integers(0, 23), max_size=24),
+    "node": st.integers(0, 1),
+    "mixed": st.booleans(),
+})
+
+
+@given(calls)
+def test_the_cheap_path_gives_what_the_full_path_gives(sc):
+    n = sc["pages"]
+    sc = dict(sc, **{k: sorted({i % n for i in sc[k]}) for k in ("untouched", "read_only", "pins", "poison")},
+              entries=[i % n for i in sc["entries"]])
+    assert run(sc, full=False) == run(sc, full=True)
+
+
+def test_the_common_call_takes_the_cheap_path(fast_calls):
+    sc = dict(engine="serial", batch=512, pages=16, thp=False, tight=False, untouched=[], read_only=[],
+              second_vma=False, fork=False, pins=[], poison=[], entries=list(range(16)), node=1,
+              mixed=False)
+    ret, status, where, reads, counters = run(sc, full=False)
+    assert fast_calls == [True] and ret == 0 and status == [1] * 16 and where == [1] * 16
+    assert counters["pgmigrate_success"] == 16
+
+
+@pytest.mark.parametrize("case", ["pins", "poison", "fork", "dup", "second_vma"])
+def test_unusual_calls_go_to_the_full_path_untouched(fast_calls, case):
+    sc = dict(engine="serial", batch=512, pages=8, thp=False, tight=False, untouched=[], read_only=[],
+              second_vma=case == "second_vma", fork=case == "fork", pins=[2] if case == "pins" else [],
+              poison=[3] if case == "poison" else [], entries=list(range(8)) + ([1] if case == "dup" else []),
+              node=1, mixed=False)
+    fast = run(sc, full=False)
+    assert fast_calls == [False]
+    assert fast == run(sc, full=True)
+
+
+def test_a_node_without_room_goes_to_the_full_path_which_reports_enomem(fast_calls):
+    with ce.Machine(nodes=2, node_size="4MiB") as m:
+        p = m.spawn()
+        a = p.mmap(3 << 20, node=0)
+        p.write(a, b"\1" * (3 << 20))
+        hog = p.mmap(3 << 20, node=1)
+        p.write(hog, b"\2" * (3 << 20))
+        free1 = m.free_pages(1)
+        n = free1 + 3
+        r = p.move_pages(0, [a + i * PS for i in range(n)], [1] * n)
+        assert fast_calls == [False]
+        assert r.status.count(-12) == 3 and r.status.count(1) == free1
+        check_machine(m)
+        assert np.frombuffer(p.read(a, 3 << 20), np.uint8).min() == 1

@@ -73,7 +73,9 @@ def run(sc, full):
         nodes = [sc["node"]] * len(addrs)
         if sc["mixed"] and addrs:
             nodes[-1] = 1 - sc["node"]
+        asked = p.move_pages(0, addrs).status if addrs else []  # query mode, before and after
         r = p.move_pages(0, addrs, nodes)
+        asked += p.move_pages(0, addrs).status if addrs else []
         where, reads = [], []
         for x in addrs:
             try:
@@ -89,7 +91,7 @@ def run(sc, full):
         if child is not None:
             child.exit()
         check_machine(m)
-        return r.ret, r.status, where, reads, {k: m.vmstat[k] for k in COUNTERS}
+        return r.ret, r.status, asked, where, reads, {k: m.vmstat[k] for k in COUNTERS}
 
 
 calls = st.fixed_dictionaries({
@@ -122,7 +124,8 @@ def test_the_common_call_takes_the_cheap_path(fast_calls):
     sc = dict(engine="serial", batch=512, pages=16, thp=False, tight=False, untouched=[], read_only=[],
               second_vma=False, fork=False, pins=[], poison=[], entries=list(range(16)), node=1,
               mixed=False)
-    ret, status, where, reads, counters = run(sc, full=False)
+    ret, status, asked, where, reads, counters = run(sc, full=False)
+    assert asked == [0] * 16 + [1] * 16
     assert fast_calls == [True] and ret == 0 and status == [1] * 16 and where == [1] * 16
     assert counters["pgmigrate_success"] == 16
 

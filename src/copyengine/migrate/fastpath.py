@@ -164,6 +164,39 @@ def finalize_all(sel, src, dst, nr, ev, ep, ef, ew, k, want, ptes, flags, refcou
                        fpn, max_order, nxt, prv, free_order, free_head, nr_free)
 
 
+@njit(cache=True, nogil=True)
+def query_nodes(addrs, start, end, page_shift, ptes, fpn, zero_pfn, head, status):
+    """do_pages_stat for entries that all lie in one VMA: the node of each page, -ENOENT
+    for one never touched, -EFAULT for the zero page. False (status incomplete) if a page
+    is under migration: the full path waits for it."""
+    for i in range(addrs.shape[0]):
+        a = addrs[i]
+        if a < start or a >= end:
+            return False
+        pt = ptes[(a - start) >> page_shift]
+        if pt == 0:
+            status[i] = _ENOENT
+            continue
+        if (pt & PTE_PRESENT) == 0:
+            return False
+        p = np.int64(pt >> PFN_SHIFT)
+        status[i] = _EFAULT if p == zero_pfn else head[p] // fpn
+    return True
+
+
+def query_fast(target, addrs):
+    """move_pages(2) without nodes, on the cheap path: the status array, or None."""
+    vma = target.find_vma(int(addrs[0]))
+    if vma is None:
+        return None
+    m = target.machine
+    status = np.empty(len(addrs), np.int64)
+    if query_nodes(addrs, vma.start, vma.end, m.page_shift, vma.ptes, m.frames_per_node, m.zero_pfn,
+                   m.mem_map.head, status):
+        return status
+    return None
+
+
 def eligible_machine(m) -> bool:
     """No plugin beyond the built-ins implements a hook the migration calls, and no
     quarantine is pending: nothing could tell the cheap path from the full one."""

@@ -16,7 +16,7 @@ from ..errors import oserror
 from ..mm.pageflags import PG_isolated
 from ..mm.process import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL
 from ..mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
-from .fastpath import move_pages_fast
+from .fastpath import move_pages_fast, query_fast
 from .core import folio_isolate_lru, migrate_pages as migrate_folios, putback_movable_folios
 
 QUEUE = 1 << 30  # classification: the folio can be queued for migration
@@ -163,6 +163,10 @@ def do_pages_stat(target, addrs) -> list:
     zero page. Pages under migration are waited for (bounded)."""
     from ..mm.process import _Seg
     m = target.machine
+    if len(addrs):
+        fast = query_fast(target, addrs)
+        if fast is not None:
+            return fast.tolist()
 
     def resolve():
         segs = []

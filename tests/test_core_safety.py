@@ -341,3 +341,49 @@ def test_vanilla_runs_through_the_copy_hook_when_a_wrapper_is_present():
         assert p.move_pages(0, addrs, [1] * len(addrs)).ret == 0
         assert calls == [("vanilla", len(addrs))]
         settled(m, p, a, data, node=1)
+
+
+# ----------------------------------------------------------------------------- reasons
+def test_policies_see_the_reason_and_offload_reasons_keeps_a_reason_on_the_cpu():
+    seen, used = [], []
+
+    class Look:
+        @ce.hookimpl
+        def copyengine_select_engine(self, machine, batch, engine):
+            seen.append(batch.reason)
+
+        @ce.hookimpl(wrapper=True)
+        def copyengine_batch_copy(self, machine, engine, job):
+            used.append(engine.name)
+            return (yield)
+
+    with machine(Look()) as m:
+        m.set_engine("mt:1")
+        p, a, data, addrs = loaded(m)
+        assert p.move_pages(0, addrs, [1] * len(addrs)).ret == 0
+        assert seen == [ce.uapi.MR_SYSCALL] and used == ["mt:1"]
+        m.settings["offload_reasons"] = ce.uapi.ALL_REASONS & ~(1 << ce.uapi.MR_SYSCALL)
+        assert p.migrate_pages(0, [1], [0]) == 0
+        assert used == ["mt:1", "serial"]
+        assert len(seen) == 1  # the policy is not asked for a batch that may not offload
+        settled(m, p, a, data, node=0)
+        assert m.vmstat["pgmigrate_success_syscall_or_cpuset"] == 2 * len(addrs)
+
+
+def test_observers_get_the_mm_migrate_pages_record():
+    recs = []
+
+    class Trace:
+        @ce.hookimpl
+        def copyengine_migration_event(self, machine, event, info):
+            if event == "mm_migrate_pages":
+                recs.append(info)
+
+    with machine(Trace()) as m:
+        m.set_engine("serial")
+        p, a, data, addrs = loaded(m)
+        pin = p.pin(a, PS)
+        p.move_pages(0, addrs, [1] * len(addrs))
+        pin.release()
+        assert recs == [dict(succeeded=len(addrs) - 1, failed=1, thp_succeeded=0, thp_failed=0,
+                             thp_split=0, large_folio_split=0, mode="sync", reason="syscall_or_cpuset")]

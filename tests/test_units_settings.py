@@ -184,5 +184,7 @@ def test_settings_fuzz_validation(value):
                     assert type(stored) is int and 1 <= stored
                 elif name == "migrate_mode":
                     assert stored in MIGRATE_MODES
+                elif name == "offload_reasons":
+                    assert type(stored) is int and 0 <= stored < 1 << 10
                 else:
                     assert type(stored) is float and 0 < stored <= 3600

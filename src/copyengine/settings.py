@@ -59,6 +59,10 @@ SETTINGS: dict[str, _Setting] = {
     "migration_wait_timeout": _Setting(
         lambda m: 30.0, _seconds,
         "Seconds an access waits on a migration entry before failing with ETIMEDOUT."),
+    "offload_reasons": _Setting(
+        lambda m: (1 << 10) - 1, _int_range(0, lambda m: (1 << 10) - 1),
+        "Bit mask of migration reasons (1 << MR_*, copyengine.uapi) whose batches may use the "
+        "selected engine; a batch of any other reason is copied by the CPU (serial). All by default."),
     "copy_timeout": _Setting(
         lambda m: 10.0, _seconds,
         "Seconds the framework waits for an asynchronous engine before cancelling it."),

@@ -15,8 +15,10 @@ import numpy as np
 
 from ..engines.base import CopyJob, CopyStillRunning, run_engine
 from ..engines.memops import NT_BYTES
+from ..engines.serial import SerialEngine
 from ..errors import PluginError
 from ..hookcheck import check_selected_engine, check_status
+from ..uapi import MR_SYSCALL
 from . import kernels
 from .dispatch import Dispatch, plugin_names
 
@@ -29,6 +31,7 @@ class BatchInfo:
     orders: np.ndarray
     page_size: int
     target: int
+    reason: int = MR_SYSCALL  # enum migrate_reason (copyengine.uapi.MR_*)
 
 
 def build_copy_job(b, sel) -> CopyJob:
@@ -49,12 +52,21 @@ def build_copy_job(b, sel) -> CopyJob:
 
 def select_copy_engine(b, sel, d: Dispatch):
     """copyengine_select_engine: a policy plugin may pick another engine for this batch.
-    What it returns is checked (an Engine or None), naming the plugin otherwise."""
-    if not d.select or not len(sel):
+    What it returns is checked (an Engine or None), naming the plugin otherwise. A batch
+    whose migration reason is outside the ``offload_reasons`` setting is copied by the CPU
+    (``serial``) whatever the engine or policy."""
+    if not len(sel):
         return d.engine
     m = b.m
+    if not (m.settings["offload_reasons"] >> d.reason) & 1:
+        cpu = SerialEngine()  # this reason may not offload: the CPU copies, as before the series
+        cpu.name = "serial"
+        return cpu
+    if not d.select:
+        return d.engine
     hook = m.pm.hook.copyengine_select_engine
-    info = BatchInfo(len(sel), int(b.nr[sel].sum()) * m.page_size, b.order[sel], m.page_size, b.target)
+    info = BatchInfo(len(sel), int(b.nr[sel].sum()) * m.page_size, b.order[sel], m.page_size, b.target,
+                     d.reason)
     chosen = check_selected_engine(hook(machine=m, batch=info, engine=d.engine), plugin_names(hook))
     return chosen or d.engine
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..engines.memops import NT_BYTES
 from ..mm.pageflags import PG_anon, PG_head, PG_isolated, PG_locked, PG_swapbacked
+from ..uapi import MIGRATE_REASON, MR_SYSCALL
 from . import kernels
 from .batch_copy import BatchInfo, migrate_folios_batch_copy, select_copy_engine
 from .dispatch import Dispatch, unlocked
@@ -369,15 +370,29 @@ def migrate_pages_sync(m, heads, target, mode, d=None):
     return np.concatenate(outs_h), np.concatenate(outs_rc), np.concatenate(splits)
 
 
+def count_reason(m, reason, succeeded, failed) -> None:
+    """Per-reason page counters (the kernel has only the tracepoint for this)."""
+    name = MIGRATE_REASON[reason]
+    if succeeded:
+        m.count(f"pgmigrate_success_{name}", succeeded)
+    if failed:
+        m.count(f"pgmigrate_fail_{name}", failed)
+
+
 def _interrupted(heads):
     return heads, np.full(len(heads), -errno.EINTR, np.int32), np.empty(0, np.int64)
 
 
-def migrate_pages(m, heads, target, mode=None):
+def migrate_pages(m, heads, target, mode=None, reason=MR_SYSCALL):
     """migrate_pages(): migrate isolated folios to ``target`` in batches of at most
     ``nr_max_batched_migration`` base pages. Returns (heads, rc): one outcome per folio
     and per piece of a split folio (0 migrated, SPLIT, or -errno; -EBUSY for folios
     still busy after every retry). Folios not migrated are put back; vmstat is counted.
+
+    ``reason`` is the kernel's enum migrate_reason (copyengine.uapi.MR_*): policies see
+    it, the ``offload_reasons`` setting may keep its batches on the CPU, vmstat counts
+    pages per reason (``pgmigrate_success_<reason>``, ``pgmigrate_fail_<reason>``), and
+    observers get the call's ``mm_migrate_pages`` record (the tracepoint's fields).
 
     If a hook raised (see :class:`Dispatch`), the batch in flight is settled, later
     batches do not run, every folio not migrated is put back and counted, and then the
@@ -392,7 +407,7 @@ def migrate_pages(m, heads, target, mode=None):
     if m.quarantine:
         release_quarantine(m)
     engine = m.get_engine()
-    d = Dispatch(m, engine)
+    d = Dispatch(m, engine, reason)
     try:
         start = 0
         while start < len(heads):
@@ -441,10 +456,15 @@ def migrate_pages(m, heads, target, mode=None):
     m.count("thp_migration_success", int((thp & ok).sum()))
     m.count("thp_migration_fail", int((thp & (counted | split_)).sum()))
     m.count("thp_migration_split", int((thp & split_).sum()))
+    count_reason(m, reason, int(nr[ok].sum()), int(nr[counted].sum()))
     putback_movable_folios(m, h[fail])
     if d.events and d.exc is None:
         for code in np.unique(rc[fail]).tolist():
             d.event("folio_fail", rc=int(code), heads=h[fail][rc[fail] == code])
+        d.event("mm_migrate_pages", succeeded=int(nr[ok].sum()), failed=int(nr[counted].sum()),
+                thp_succeeded=int((thp & ok).sum()), thp_failed=int((thp & (counted | split_)).sum()),
+                thp_split=int((thp & split_).sum()), large_folio_split=int((split_ & (o > 0)).sum()),
+                mode=mode, reason=MIGRATE_REASON[reason])
     if d.exc is not None:
         raise d.exc
     return MigrateResult(h, rc, piece)

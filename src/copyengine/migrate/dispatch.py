@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from ..uapi import MR_SYSCALL
+
 
 @contextmanager
 def unlocked(m):
@@ -37,12 +39,13 @@ class Dispatch:
     (finalized or undone), every folio not migrated is put back, the counters are
     updated, and only then does the call raise it (:func:`migrate_pages`)."""
 
-    __slots__ = ("m", "engine", "direct_alloc", "direct_copy", "select", "events", "exc")
+    __slots__ = ("m", "engine", "reason", "direct_alloc", "direct_copy", "select", "events", "exc")
 
-    def __init__(self, m, engine):
+    def __init__(self, m, engine, reason=MR_SYSCALL):
         hook = m.pm.hook
         self.m = m
         self.engine = engine
+        self.reason = reason
         self.direct_alloc = only_builtin(hook.copyengine_alloc_frames)
         self.direct_copy = only_builtin(hook.copyengine_batch_copy)
         self.select = bool(hook.copyengine_select_engine.get_hookimpls())

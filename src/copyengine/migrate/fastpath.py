@@ -32,9 +32,10 @@ from ..mm.buddy import alloc_blocks, free_one, rmqueue_bulk
 from ..mm.folio_ops import free_folios, prep_new_folios
 from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT
+from ..uapi import MR_SYSCALL
 from . import kernels
 from .batch_copy import _engine_copy, _zero_page_intact
-from .core import MigrationBatch, migrate_folios_finalize, putback_movable_folios
+from .core import MigrationBatch, count_reason, migrate_folios_finalize, putback_movable_folios
 from .dispatch import Dispatch
 
 _ENOENT, _EFAULT = -errno.ENOENT, -errno.EFAULT
@@ -216,7 +217,8 @@ def move_pages_fast(target, addrs, node):
     path. Called with the machine lock held, after the call-level checks."""
     m = target.machine
     engine = m.engine
-    if engine.capabilities.asynchronous or not eligible_machine(m):
+    if engine.capabilities.asynchronous or not eligible_machine(m) \
+            or not (m.settings["offload_reasons"] >> MR_SYSCALL) & 1:
         return None
     vma = target.find_vma(int(addrs[0]))
     if vma is None or vma.obj.shared or len(vma.obj.vmas) != 1:
@@ -274,6 +276,7 @@ def migrate_folios_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
     ok = out == 0
     nok = int(ok.sum())
     m.count("pgmigrate_success", nok * nr1)
+    count_reason(m, MR_SYSCALL, nok * nr1, int((~ok & (out != -errno.EINTR)).sum()) * nr1)
     if order == m.max_order:
         m.count("thp_migration_success", nok)
     if nok != len(out):

@@ -79,6 +79,7 @@ class Machine:
         self._engine_users = {}   # id(engine) -> migrations using it
         self._retired = {}        # engines replaced while in use, closed by their last user
         self.quarantine = []      # (completion, heads): destinations an engine may still write
+        self.recorder = None      # a copyengine.trace.Recorder while one is attached
         # The shared zero page: frame 0 of node 0, reserved for the machine's life.
         self.zero_pfn = int(self.buddy.alloc_exact(0, 0, 1)[0])
         mm = self.mem_map

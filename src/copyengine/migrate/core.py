@@ -287,6 +287,7 @@ def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, dispatch
             break
         b = MigrationBatch(m, retry, target)
         t0 = t1 = t2 = t3 = t4 = time.perf_counter()
+        engine, sel = d.engine, ()
         try:
             d.event("batch_start", target=target, folios=len(b), mode=mode)
             migrate_folios_prepare(b, nosplit, d.direct_alloc)
@@ -314,6 +315,8 @@ def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, dispatch
         times["move"] += t3 - t2
         times["copy"] += t4 - t3
         times["finalize"] += t5 - t4
+        if m.recorder is not None and len(sel):
+            m.recorder.batch(t0, t1, t2, t3, t4, t5, len(sel), int(b.nr[sel].sum()), engine.name)
         again = b.rc == -errno.EAGAIN
         if again.any() and d.exc is None:
             out_h.append(b.src[~again])
@@ -370,6 +373,14 @@ def migrate_pages_sync(m, heads, target, mode, d=None):
     return np.concatenate(outs_h), np.concatenate(outs_rc), np.concatenate(splits)
 
 
+def _tracepoint(nr, ok, failed, split, thp, orders, mode, reason) -> dict:
+    """The fields of trace_mm_migrate_pages for one migrate_pages() call."""
+    return dict(succeeded=int(nr[ok].sum()), failed=int(nr[failed].sum()),
+                thp_succeeded=int((thp & ok).sum()), thp_failed=int((thp & (failed | split)).sum()),
+                thp_split=int((thp & split).sum()), large_folio_split=int((split & (orders > 0)).sum()),
+                mode=mode, reason=MIGRATE_REASON[reason])
+
+
 def count_reason(m, reason, succeeded, failed) -> None:
     """Per-reason page counters (the kernel has only the tracepoint for this)."""
     name = MIGRATE_REASON[reason]
@@ -404,6 +415,7 @@ def migrate_pages(m, heads, target, mode=None, reason=MR_SYSCALL):
     orders = mm.order[heads].astype(np.int64)
     ends = np.cumsum(np.left_shift(1, orders))
     res_h, res_rc, res_piece = [], [], []
+    start_t = time.perf_counter()
     if m.quarantine:
         release_quarantine(m)
     engine = m.get_engine()
@@ -458,13 +470,13 @@ def migrate_pages(m, heads, target, mode=None, reason=MR_SYSCALL):
     m.count("thp_migration_split", int((thp & split_).sum()))
     count_reason(m, reason, int(nr[ok].sum()), int(nr[counted].sum()))
     putback_movable_folios(m, h[fail])
+    if m.recorder is not None:
+        m.recorder.call(start_t, time.perf_counter(), m.recorder.first_remap_since(start_t),
+                        **_tracepoint(nr, ok, counted, split_, thp, o, mode, reason))
     if d.events and d.exc is None:
         for code in np.unique(rc[fail]).tolist():
             d.event("folio_fail", rc=int(code), heads=h[fail][rc[fail] == code])
-        d.event("mm_migrate_pages", succeeded=int(nr[ok].sum()), failed=int(nr[counted].sum()),
-                thp_succeeded=int((thp & ok).sum()), thp_failed=int((thp & (counted | split_)).sum()),
-                thp_split=int((thp & split_).sum()), large_folio_split=int((split_ & (o > 0)).sum()),
-                mode=mode, reason=MIGRATE_REASON[reason])
+        d.event("mm_migrate_pages", **_tracepoint(nr, ok, counted, split_, thp, o, mode, reason))
     if d.exc is not None:
         raise d.exc
     return MigrateResult(h, rc, piece)

@@ -32,7 +32,7 @@ from ..mm.buddy import alloc_blocks, free_one, rmqueue_bulk
 from ..mm.folio_ops import free_folios, prep_new_folios
 from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT
-from ..uapi import MR_SYSCALL
+from ..uapi import MIGRATE_REASON, MR_SYSCALL
 from . import kernels
 from .batch_copy import _engine_copy, _zero_page_intact
 from .core import MigrationBatch, count_reason, migrate_folios_finalize, putback_movable_folios
@@ -261,6 +261,7 @@ def migrate_folios_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
     per_batch = max(m.settings["nr_max_batched_migration"] // nr1, 1)
     out = np.full(len(heads), -errno.EINTR, np.int32)
     exc = None
+    start = time.perf_counter()
     m.get_engine()  # held like the full path holds it: a set_engine meanwhile closes it after us
     try:
         for lo in range(0, len(heads), per_batch):
@@ -286,9 +287,23 @@ def migrate_folios_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
         if order == m.max_order:
             m.count("thp_migration_fail", counted)
         putback_movable_folios(m, heads[fail])
+    if m.recorder is not None:
+        _record_call(m, start, out, order, nr1)
     if exc is not None:
         raise exc
     return out
+
+
+def _record_call(m, start, out, order, nr1):
+    """The call's mm_migrate_pages record, as core.migrate_pages makes it."""
+    ok = out == 0
+    failed = ~ok & (out != -errno.EINTR)
+    thp = order == m.max_order
+    m.recorder.call(start, time.perf_counter(), m.recorder.first_remap_since(start),
+                    succeeded=int(ok.sum()) * nr1, failed=int(failed.sum()) * nr1,
+                    thp_succeeded=int(ok.sum()) if thp else 0, thp_failed=int(failed.sum()) if thp else 0,
+                    thp_split=0, large_folio_split=0, mode=m.settings["migrate_mode"],
+                    reason=MIGRATE_REASON[MR_SYSCALL])
 
 
 def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
@@ -342,6 +357,8 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
     times["unmap"] += t1 - t0
     times["copy"] += t2 - t1
     times["finalize"] += t3 - t2
+    if m.recorder is not None:
+        m.recorder.batch(t0, t0, t1, t1, t2, t3, n, npages, engine.name)
     return b.rc
 
 

@@ -387,3 +387,36 @@ def test_observers_get_the_mm_migrate_pages_record():
         pin.release()
         assert recs == [dict(succeeded=len(addrs) - 1, failed=1, thp_succeeded=0, thp_failed=0,
                              thp_split=0, large_folio_split=0, mode="sync", reason="syscall_or_cpuset")]
+
+
+# ----------------------------------------------------------------------------- copy windows
+def test_a_munmap_that_splits_the_vma_during_the_copy_strands_nothing():
+    """The copy runs without the machine lock; a munmap of page 1 then splits the VMA
+    whose page 0 is under migration. The split keeps the page table (a view, as Linux's
+    page tables belong to the address space), so finalize updates the live PTE."""
+    done = []
+
+    class Hole:
+        def __init__(self):
+            self.p = self.addr = None
+
+        @ce.hookimpl(wrapper=True)
+        def copyengine_batch_copy(self, machine, engine, job):
+            if self.p is not None and not done:
+                done.append(True)
+                self.p.munmap(self.addr, PS)
+            return (yield)
+
+    hole = Hole()
+    with machine(hole) as m:
+        m.set_engine("serial")
+        p, a, data, addrs = loaded(m, pages=3)
+        hole.p, hole.addr = p, a + PS
+        assert p.move_pages(0, [a], [1]).status == [1]
+        assert done and p.node_of(a) == 1
+        assert p.read(a, PS) == data[:PS] and p.read(a + 2 * PS, PS) == data[2 * PS:]
+        with pytest.raises(OSError):
+            p.read(a + PS, 1)
+        check_machine(m)
+        p.munmap(a, 3 * PS)
+        check_machine(m)

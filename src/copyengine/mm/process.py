@@ -268,7 +268,7 @@ class Process:
                 if hi > lo:
                     self._insert_vma(Vma(self, vma.start + (lo << shift), vma.start + (hi << shift),
                                          vma.node, vma.order, vma.obj, vma.pgoff + lo,
-                                         vma.ptes[lo:hi].copy()))
+                                         vma.ptes[lo:hi]))  # a view: page tables outlive VMAs
             if not vma.obj.vmas:
                 orphans.append(vma.obj)
         # Drop the PTE references first, then the page cache's: releasing an object

@@ -155,3 +155,68 @@ def test_a_node_without_room_goes_to_the_full_path_which_reports_enomem(fast_cal
         assert r.status.count(-12) == 3 and r.status.count(1) == free1
         check_machine(m)
         assert np.frombuffer(p.read(a, 3 << 20), np.uint8).min() == 1
+
+
+# ----------------------------------------------------------------------------- copy windows
+class Hooked(ce.engines.Engine):
+    """A synchronous engine (so the cheap path stays on) that runs ``before`` once, in its
+    first copy, while the machine lock is released, then copies."""
+
+    def __init__(self, before):
+        self.before, self.ran = before, False
+
+    def copy(self, job):
+        if not self.ran:
+            self.ran = True
+            self.before()
+        return ce.engines.folio_mc_copy(job, np.arange(job.nr_folios))
+
+
+class Register:
+    def __init__(self, engine):
+        self.engine = engine
+
+    @ce.hookimpl
+    def copyengine_register_engines(self, register):
+        register("hooked", lambda arg, machine: self.engine, "runs a callback in its first copy")
+
+
+@pytest.mark.parametrize("what", ["munmap-later", "pin-later", "munmap-split"])
+def test_what_happens_during_an_earlier_batch_copy_is_seen_by_later_batches(fast_calls, what):
+    state = {}
+
+    def before():
+        p, a = state["p"], state["a"]
+        if what == "munmap-later":
+            p.munmap(a + 9 * PS, PS)
+        elif what == "pin-later":
+            state["pin"] = p.pin(a + 10 * PS, PS)
+        else:
+            p.munmap(a + 5 * PS, PS)  # splits the VMA while batch 1 (pages 0-3) copies
+
+    eng = Hooked(before)
+    pm = make_plugin_manager(entry_points=False, plugins=[Register(eng)])
+    with ce.Machine(nodes=2, node_size="16MiB", plugin_manager=pm) as m:
+        m.set_engine("hooked")
+        m.settings["nr_max_batched_migration"] = 4
+        p = m.spawn()
+        a = p.mmap(12 * PS)
+        data = pattern(12 * PS, 5)
+        p.write(a, data)
+        state.update(p=p, a=a)
+        r = p.move_pages(0, [a + i * PS for i in range(12)], [1] * 12)
+        assert fast_calls == [True] and eng.ran
+        gone = {"munmap-later": 9, "munmap-split": 5}.get(what)
+        for i in range(12):
+            if i == gone:
+                with pytest.raises(OSError):
+                    p.read(a + i * PS, 1)
+                continue
+            assert p.read(a + i * PS, PS) == data[i * PS:(i + 1) * PS]
+            want = -16 if what == "pin-later" and i == 10 else 1
+            assert r.status[i] == want
+            assert p.node_of(a + i * PS) == (0 if want != 1 else 1)
+        check_machine(m)
+        if "pin" in state:
+            state["pin"].release()
+        check_machine(m)

@@ -36,6 +36,7 @@ from ..uapi import MIGRATE_REASON, MR_SYSCALL
 from . import kernels
 from .batch_copy import _engine_copy, _zero_page_intact
 from .core import MigrationBatch, count_reason, migrate_folios_finalize, putback_movable_folios
+from .core import migrate_pages as migrate_folios
 from .dispatch import Dispatch
 
 _ENOENT, _EFAULT = -errno.ENOENT, -errno.EFAULT
@@ -47,11 +48,12 @@ _HOOKS = ("copyengine_alloc_frames", "copyengine_batch_copy", "copyengine_select
 
 @njit(cache=True, nogil=True)
 def lookup_and_isolate(addrs, start, end, page_shift, ptes, node, fpn, zero_pfn, oid, flags,
-                       refcount, pincount, mapcount, order, head, owner, status, queue, qheads):
+                       refcount, pincount, mapcount, order, head, owner, status, queue, qheads, qpfns):
     """add_page_for_migration + folio_isolate_lru for every entry, where every folio to
     move is an exclusively mapped, unpinned, unpoisoned private folio of this VMA's
     anon_vma, all of one size. ``status[i]`` gets the node, -ENOENT or -EFAULT;
-    ``queue[i]`` the index of the entry's folio in ``qheads`` (or -1). Returns how many
+    ``queue[i]`` the index of the entry's folio in ``qheads`` and its page in ``qpfns``
+    (or -1). Returns how many
     folios were isolated, or -1 with nothing changed when an entry needs the full path."""
     nq = 0
     bail = False
@@ -97,6 +99,7 @@ def lookup_and_isolate(addrs, start, end, page_shift, ptes, node, fpn, zero_pfn,
         status[i] = node
         queue[i] = nq
         qheads[nq] = h
+        qpfns[nq] = p
         nq += 1
     if not bail:
         return nq
@@ -140,14 +143,15 @@ def unmap_and_move(n, src, dst, nr, oid, owner, index, pgoff, ptes, flags, mapco
                    ev, ep, ef, ew, rc, moved, sel, do_move):
     """migrate_folio_unmap (try_to_migrate over the one VMA) and, for the batched flow,
     migrate_folios_batch_move of ``n`` prepared folios. Returns the migration entries
-    written, or -1 if a reference check failed (impossible for eligible folios)."""
+    written, or -(entries + 1), having moved nothing, if a reference check failed (a pin
+    taken while an earlier batch was copying)."""
     for f in range(n):
         sel[f] = f
         flags[dst[f]] |= PG_locked
     k = kernels.unmap_vma(sel, src, nr, oid, owner, index, pgoff, ptes, flags, mapcount, refcount,
                           ev, ep, ef, ew)
     if kernels.ref_check(sel, src, flags, refcount, rc):
-        return -1
+        return -(k + 1)
     if do_move:
         kernels.batch_move(sel, src, dst, nr, flags, owner, index, refcount, moved)
     return k
@@ -158,11 +162,27 @@ def finalize_all(sel, src, dst, nr, ev, ep, ef, ew, k, want, ptes, flags, refcou
                  mapcount, order, head, owner, index, private, fpn, max_order, nxt, prv, free_order,
                  free_head, nr_free):
     """migrate_folios_finalize when every folio was copied: PTEs to the destinations,
-    destinations unlocked and live, sources unlocked and freed. Returns pages freed."""
+    destinations unlocked and live, sources unlocked and freed, and a destination no PTE
+    maps (its range was unmapped while an earlier batch copied) freed too. Returns the
+    pages freed."""
     kernels.restore_vma(ev, ep, ef, ew, k, want, True, src, dst, ptes, mapcount, refcount)
     kernels.finalize_done(sel, src, dst, nr, flags, refcount)
-    return free_folios(src, flags, refcount, pincount, mapcount, order, head, owner, index, private,
-                       fpn, max_order, nxt, prv, free_order, free_head, nr_free)
+    freed = free_folios(src, flags, refcount, pincount, mapcount, order, head, owner, index, private,
+                        fpn, max_order, nxt, prv, free_order, free_head, nr_free)
+    unused = 0
+    for f in range(dst.shape[0]):
+        if refcount[dst[f]] == 0:
+            unused += 1
+    if unused:
+        gone = np.empty(unused, np.int64)
+        j = 0
+        for f in range(dst.shape[0]):
+            if refcount[dst[f]] == 0:
+                gone[j] = dst[f]
+                j += 1
+        freed += free_folios(gone, flags, refcount, pincount, mapcount, order, head, owner, index,
+                             private, fpn, max_order, nxt, prv, free_order, free_head, nr_free)
+    return freed
 
 
 @njit(cache=True, nogil=True)
@@ -228,9 +248,10 @@ def move_pages_fast(target, addrs, node):
     status = np.empty(n, np.int64)
     queue = np.empty(n, np.int64)
     qheads = np.empty(n, np.int64)
+    qpfns = np.empty(n, np.int64)
     nq = lookup_and_isolate(addrs, vma.start, vma.end, m.page_shift, vma.ptes, node, m.frames_per_node,
                             m.zero_pfn, vma.obj.id, mm.flags, mm.refcount, mm.pincount, mm.mapcount,
-                            mm.order, mm.head, mm.owner, status, queue, qheads)
+                            mm.order, mm.head, mm.owner, status, queue, qheads, qpfns)
     if nq <= 0:
         return (0, status) if nq == 0 else None
     t0 = time.perf_counter()
@@ -242,7 +263,7 @@ def move_pages_fast(target, addrs, node):
         return None
     m._vmstat["pgalloc"] += nq << order
     m.migrate_times["prepare"] += time.perf_counter() - t0
-    rc = migrate_folios_fast(m, vma, heads, dst, order, node, engine)
+    rc = migrate_folios_fast(m, vma, heads, qpfns[:nq], dst, order, node, engine)
     failed = rc != 0
     if failed.any():
         st = rc[queue[queue >= 0]]
@@ -251,47 +272,68 @@ def move_pages_fast(target, addrs, node):
     return 0, status
 
 
-def migrate_folios_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
+def migrate_folios_fast(m, vma, heads, pfns, dst, order, node, engine) -> np.ndarray:
     """migrate_pages() over eligible folios, batch after batch as the full path cuts them,
     each batch in three compiled steps (unmap + move, copy, finalize). Returns the
     per-folio outcome (0, or -errno for a folio that a concurrent hwpoison or a failing
     engine undid) and counts vmstat as migrate_pages does. An exception from the engine
-    (an interrupt) propagates once the batch is settled and every other folio put back."""
+    (an interrupt) propagates once the batch is settled and every other folio put back.
+
+    The copy of a batch runs without the machine lock: if meanwhile the mapping was
+    forked or split (the rmap is no longer this one VMA), the folios not yet migrated go
+    to the full path (``core.migrate_pages``), which walks the whole rmap."""
     nr1 = 1 << order
     per_batch = max(m.settings["nr_max_batched_migration"] // nr1, 1)
     out = np.full(len(heads), -errno.EINTR, np.int32)
-    exc = None
+    exc, handed, unused = None, len(heads), len(heads)
     start = time.perf_counter()
     m.get_engine()  # held like the full path holds it: a set_engine meanwhile closes it after us
     try:
         for lo in range(0, len(heads), per_batch):
             hi = min(lo + per_batch, len(heads))
+            if len(vma.obj.vmas) != 1 or vma.obj.vmas[0] is not vma:
+                handed = unused = lo
+                break
             try:
-                out[lo:hi] = _migrate_batch_fast(m, vma, heads[lo:hi], dst[lo:hi], order, node, engine)
+                rc = _migrate_batch_fast(m, vma, heads[lo:hi], dst[lo:hi], order, node, engine)
             except BaseException as e:  # noqa: B036 - the batch is settled; re-raised below
                 exc = e
                 m.free_folios(dst[hi:], undo=True)  # destinations of batches never started
                 break
+            if rc is None:  # a reference appeared meanwhile: the batch was undone
+                handed, unused = lo, hi
+                break
+            out[lo:hi] = rc
     finally:
         m.put_engine(engine)
+    mine = slice(0, handed)
+    _count_fast(m, heads[mine], out[mine], order)
+    if m.recorder is not None:
+        _record_call(m, start, out[mine], order, nr1)
+    if exc is not None:
+        raise exc
+    if handed < len(heads):
+        m.free_folios(dst[unused:], undo=True)
+        rest = heads[handed:]
+        out[handed:] = migrate_folios(m, rest, node).status_of(rest, pfns[handed:])
+    return out
+
+
+def _count_fast(m, heads, out, order):
+    """migrate_pages()' vmstat and putback for the folios the cheap path handled."""
+    nr1 = 1 << order
     ok = out == 0
     nok = int(ok.sum())
+    failed = ~ok & (out != -errno.EINTR)  # interrupted folios were not attempted to the end
     m.count("pgmigrate_success", nok * nr1)
-    count_reason(m, MR_SYSCALL, nok * nr1, int((~ok & (out != -errno.EINTR)).sum()) * nr1)
+    count_reason(m, MR_SYSCALL, nok * nr1, int(failed.sum()) * nr1)
     if order == m.max_order:
         m.count("thp_migration_success", nok)
     if nok != len(out):
-        fail = ~ok
-        counted = int((fail & (out != -errno.EINTR)).sum())
-        m.count("pgmigrate_fail", counted * nr1)
+        m.count("pgmigrate_fail", int(failed.sum()) * nr1)
         if order == m.max_order:
-            m.count("thp_migration_fail", counted)
-        putback_movable_folios(m, heads[fail])
-    if m.recorder is not None:
-        _record_call(m, start, out, order, nr1)
-    if exc is not None:
-        raise exc
-    return out
+            m.count("thp_migration_fail", int(failed.sum()))
+        putback_movable_folios(m, heads[~ok])
 
 
 def _record_call(m, start, out, order, nr1):
@@ -321,9 +363,10 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
     batched = engine.capabilities.batched
     k = unmap_and_move(n, b.src, b.dst, b.nr, vma.obj.id, mm.owner, mm.index, vma.pgoff, vma.ptes,
                        mm.flags, mm.mapcount, mm.refcount, ev, ep, ef, ew, b.rc, b.moved, sel, batched)
-    if k < 0:
-        raise AssertionError("cheap path: an eligible folio failed its reference check")
-    b.entries.append([vma, ev, ep, ef, ew, k])
+    b.entries.append([vma, ev, ep, ef, ew, k if k >= 0 else -k - 1])
+    if k < 0:  # pinned while an earlier batch copied: undo (destinations freed), full path next
+        migrate_folios_finalize(b)
+        return None
     t1 = time.perf_counter()
     nt = npages * m.page_size >= NT_BYTES
     try:

@@ -562,14 +562,27 @@ class OpenCLCompletion(Completion):
                 if not self._inflight:
                     break
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(
-                        f"opencl: {len(self._inflight)} command group(s) still running "
-                        f"{self._engine.drain_timeout:.0f} s after cancel; they may still write")
+                if left <= 0:  # the device may still write: the framework quarantines the job
+                    threading.Thread(target=self._retire_when_drained, daemon=True).start()
+                    return False
                 self._cond.wait(min(left, 0.005))
         self._done.set()
         self._wait_callbacks(max(0.0, min(1.0, deadline - time.monotonic())))
         self._engine._forget(self)
+
+    def _retire_when_drained(self, limit=3600.0):
+        """After a cancel that could not wait the device out: retire the job once no
+        command group runs any more (polled; bounded, after which it stays quarantined)."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with self._lock:
+                self._poll()
+                if not self._inflight:
+                    self._done.set()
+                    self._engine._forget(self)
+                    self.retire()
+                    return
+            time.sleep(0.01)
 
     def _wait_callbacks(self, timeout):
         """Let pending event callbacks run (bounded). They only record or drop a

@@ -557,8 +557,20 @@ class PoolCompletion(Completion):
                 self.finish()
 
     def _cancel(self):
-        if self.run is not None:
-            self.stopped = self.run.cancel(self.stop_grace)
+        """Stop the run; False (the framework then quarantines the job's destinations)
+        when a pool thread is still inside a copy after the grace period: it retires the
+        job once that copy ends."""
+        if self.run is None:
+            return True
+        self.stopped = self.run.cancel(self.stop_grace)
+        if not self.stopped:
+            threading.Thread(target=self._retire_when_stopped, daemon=True).start()
+        return self.stopped
+
+    def _retire_when_stopped(self, limit=3600.0):
+        with self.run.cond:
+            if self.run.cond.wait_for(lambda: self.run.running == 0, limit):
+                self.retire()
 
 
 class AsyncThreadPoolEngine(_PoolEngineBase):

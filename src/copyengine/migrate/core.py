@@ -26,8 +26,9 @@ import numpy as np
 
 from ..engines.memops import NT_BYTES
 from ..mm.pageflags import PG_anon, PG_head, PG_isolated, PG_locked, PG_swapbacked
-from ..uapi import MIGRATE_REASON, MR_SYSCALL
+from ..uapi import MR_SYSCALL
 from . import kernels
+from .accounting import SPLIT, count_migrate, migrate_stats
 from .batch_copy import BatchInfo, migrate_folios_batch_copy, select_copy_engine
 from .dispatch import Dispatch, unlocked
 from .quarantine import quarantine_folios, release_quarantine
@@ -38,8 +39,6 @@ NR_MAX_MIGRATE_PAGES_RETRY = 10
 NR_MAX_MIGRATE_ASYNC_RETRY = 3
 NR_MAX_MIGRATE_SYNC_RETRY = 7
 
-#: result code of a large folio that was split; its pages have results of their own
-SPLIT = 1
 PHASES = ("prepare", "unmap", "move", "copy", "finalize")
 
 
@@ -373,23 +372,6 @@ def migrate_pages_sync(m, heads, target, mode, d=None):
     return np.concatenate(outs_h), np.concatenate(outs_rc), np.concatenate(splits)
 
 
-def _tracepoint(nr, ok, failed, split, thp, orders, mode, reason) -> dict:
-    """The fields of trace_mm_migrate_pages for one migrate_pages() call."""
-    return dict(succeeded=int(nr[ok].sum()), failed=int(nr[failed].sum()),
-                thp_succeeded=int((thp & ok).sum()), thp_failed=int((thp & (failed | split)).sum()),
-                thp_split=int((thp & split).sum()), large_folio_split=int((split & (orders > 0)).sum()),
-                mode=mode, reason=MIGRATE_REASON[reason])
-
-
-def count_reason(m, reason, succeeded, failed) -> None:
-    """Per-reason page counters (the kernel has only the tracepoint for this)."""
-    name = MIGRATE_REASON[reason]
-    if succeeded:
-        m.count(f"pgmigrate_success_{name}", succeeded)
-    if failed:
-        m.count(f"pgmigrate_fail_{name}", failed)
-
-
 def _interrupted(heads):
     return heads, np.full(len(heads), -errno.EINTR, np.int32), np.empty(0, np.int64)
 
@@ -402,8 +384,8 @@ def migrate_pages(m, heads, target, mode=None, reason=MR_SYSCALL):
 
     ``reason`` is the kernel's enum migrate_reason (copyengine.uapi.MR_*): policies see
     it, the ``offload_reasons`` setting may keep its batches on the CPU, vmstat counts
-    pages per reason (``pgmigrate_success_<reason>``, ``pgmigrate_fail_<reason>``), and
-    observers get the call's ``mm_migrate_pages`` record (the tracepoint's fields).
+    pages per reason, and observers get the call's ``mm_migrate_pages`` record
+    (migrate/accounting.py).
 
     If a hook raised (see :class:`Dispatch`), the batch in flight is settled, later
     batches do not run, every folio not migrated is put back and counted, and then the
@@ -458,25 +440,16 @@ def migrate_pages(m, heads, target, mode=None, reason=MR_SYSCALL):
         order_of = dict(zip(heads.tolist(), orders.tolist()))
         whole = np.nonzero(~piece)[0]
         o[whole] = [order_of[x] for x in h[whole].tolist()]
-    nr = np.left_shift(1, o)
-    thp = o == m.max_order
-    ok, split_ = rc == 0, rc == SPLIT
-    fail = ~ok & ~split_
-    counted = fail & (rc != -errno.EINTR)  # interrupted folios were not attempted to the end
-    m.count("pgmigrate_success", int(nr[ok].sum()))
-    m.count("pgmigrate_fail", int(nr[counted].sum()))
-    m.count("thp_migration_success", int((thp & ok).sum()))
-    m.count("thp_migration_fail", int((thp & (counted | split_)).sum()))
-    m.count("thp_migration_split", int((thp & split_).sum()))
-    count_reason(m, reason, int(nr[ok].sum()), int(nr[counted].sum()))
+    stats = migrate_stats(m, rc, o, mode, reason)
+    count_migrate(m, stats)
+    fail = (rc != 0) & (rc != SPLIT)
     putback_movable_folios(m, h[fail])
     if m.recorder is not None:
-        m.recorder.call(start_t, time.perf_counter(), m.recorder.first_remap_since(start_t),
-                        **_tracepoint(nr, ok, counted, split_, thp, o, mode, reason))
+        m.recorder.call(start_t, time.perf_counter(), m.recorder.first_remap_since(start_t), **stats)
     if d.events and d.exc is None:
         for code in np.unique(rc[fail]).tolist():
             d.event("folio_fail", rc=int(code), heads=h[fail][rc[fail] == code])
-        d.event("mm_migrate_pages", **_tracepoint(nr, ok, counted, split_, thp, o, mode, reason))
+        d.event("mm_migrate_pages", **stats)
     if d.exc is not None:
         raise d.exc
     return MigrateResult(h, rc, piece)

@@ -32,10 +32,11 @@ from ..mm.buddy import alloc_blocks, free_one, rmqueue_bulk
 from ..mm.folio_ops import free_folios, prep_new_folios
 from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT
-from ..uapi import MIGRATE_REASON, MR_SYSCALL
+from ..uapi import MR_SYSCALL
 from . import kernels
 from .batch_copy import _engine_copy, _zero_page_intact
-from .core import MigrationBatch, count_reason, migrate_folios_finalize, putback_movable_folios
+from .accounting import count_migrate, migrate_stats
+from .core import MigrationBatch, migrate_folios_finalize, putback_movable_folios
 from .core import migrate_pages as migrate_folios
 from .dispatch import Dispatch
 
@@ -306,10 +307,12 @@ def migrate_folios_fast(m, vma, heads, pfns, dst, order, node, engine) -> np.nda
             out[lo:hi] = rc
     finally:
         m.put_engine(engine)
-    mine = slice(0, handed)
-    _count_fast(m, heads[mine], out[mine], order)
+    stats = migrate_stats(m, out[:handed], np.full(handed, order, np.int64), m.settings["migrate_mode"],
+                          MR_SYSCALL)
+    count_migrate(m, stats)
+    putback_movable_folios(m, heads[:handed][out[:handed] != 0])
     if m.recorder is not None:
-        _record_call(m, start, out[mine], order, nr1)
+        m.recorder.call(start, time.perf_counter(), m.recorder.first_remap_since(start), **stats)
     if exc is not None:
         raise exc
     if handed < len(heads):
@@ -317,35 +320,6 @@ def migrate_folios_fast(m, vma, heads, pfns, dst, order, node, engine) -> np.nda
         rest = heads[handed:]
         out[handed:] = migrate_folios(m, rest, node).status_of(rest, pfns[handed:])
     return out
-
-
-def _count_fast(m, heads, out, order):
-    """migrate_pages()' vmstat and putback for the folios the cheap path handled."""
-    nr1 = 1 << order
-    ok = out == 0
-    nok = int(ok.sum())
-    failed = ~ok & (out != -errno.EINTR)  # interrupted folios were not attempted to the end
-    m.count("pgmigrate_success", nok * nr1)
-    count_reason(m, MR_SYSCALL, nok * nr1, int(failed.sum()) * nr1)
-    if order == m.max_order:
-        m.count("thp_migration_success", nok)
-    if nok != len(out):
-        m.count("pgmigrate_fail", int(failed.sum()) * nr1)
-        if order == m.max_order:
-            m.count("thp_migration_fail", int(failed.sum()))
-        putback_movable_folios(m, heads[~ok])
-
-
-def _record_call(m, start, out, order, nr1):
-    """The call's mm_migrate_pages record, as core.migrate_pages makes it."""
-    ok = out == 0
-    failed = ~ok & (out != -errno.EINTR)
-    thp = order == m.max_order
-    m.recorder.call(start, time.perf_counter(), m.recorder.first_remap_since(start),
-                    succeeded=int(ok.sum()) * nr1, failed=int(failed.sum()) * nr1,
-                    thp_succeeded=int(ok.sum()) if thp else 0, thp_failed=int(failed.sum()) if thp else 0,
-                    thp_split=0, large_folio_split=0, mode=m.settings["migrate_mode"],
-                    reason=MIGRATE_REASON[MR_SYSCALL])
 
 
 def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:

@@ -1,0 +1,41 @@
+"""What a migrate_pages() call leaves behind: the vmstat counters (pgmigrate_*,
+thp_migration_*, and per migration reason) and the fields of the kernel's
+``mm_migrate_pages`` tracepoint, computed once from the call's per-folio outcomes."""
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from ..uapi import MIGRATE_REASON
+
+#: result code of a large folio that was split; its pages have results of their own
+SPLIT = 1
+
+
+def migrate_stats(m, rc, orders, mode, reason) -> dict:
+    """The mm_migrate_pages fields for outcomes ``rc`` of folios of ``orders`` (a split
+    folio counts once, as failed; -EINTR, a folio an exception stopped, not at all)."""
+    nr = np.left_shift(1, orders.astype(np.int64))
+    thp = orders == m.max_order
+    ok, split = rc == 0, rc == SPLIT
+    failed = ~ok & ~split & (rc != -errno.EINTR)
+    return dict(succeeded=int(nr[ok].sum()), failed=int(nr[failed].sum()),
+                thp_succeeded=int((thp & ok).sum()), thp_failed=int((thp & (failed | split)).sum()),
+                thp_split=int((thp & split).sum()), large_folio_split=int((split & (orders > 0)).sum()),
+                mode=mode, reason=MIGRATE_REASON[reason])
+
+
+def count_migrate(m, stats) -> None:
+    """vmstat for one call, from :func:`migrate_stats`: the kernel's counters and, per
+    reason (the kernel has only the tracepoint for that), ``pgmigrate_success_<reason>``
+    and ``pgmigrate_fail_<reason>`` in base pages."""
+    m.count("pgmigrate_success", stats["succeeded"])
+    m.count("pgmigrate_fail", stats["failed"])
+    m.count("thp_migration_success", stats["thp_succeeded"])
+    m.count("thp_migration_fail", stats["thp_failed"])
+    m.count("thp_migration_split", stats["thp_split"])
+    if stats["succeeded"]:
+        m.count(f"pgmigrate_success_{stats['reason']}", stats["succeeded"])
+    if stats["failed"]:
+        m.count(f"pgmigrate_fail_{stats['reason']}", stats["failed"])

@@ -14,8 +14,15 @@ SPLIT = 1
 
 
 def migrate_stats(m, rc, orders, mode, reason) -> dict:
-    """The mm_migrate_pages fields for outcomes ``rc`` of folios of ``orders`` (a split
-    folio counts once, as failed; -EINTR, a folio an exception stopped, not at all)."""
+    """The mm_migrate_pages fields for outcomes ``rc`` of folios of ``orders`` (an array,
+    or one order for all; a split folio counts once, as failed; -EINTR, a folio an
+    exception stopped, not at all)."""
+    if not isinstance(orders, np.ndarray):
+        if not rc.any():  # the common case, in a few scalar operations
+            n, thp = len(rc), int(orders == m.max_order)
+            return dict(succeeded=n << orders, failed=0, thp_succeeded=n * thp, thp_failed=0,
+                        thp_split=0, large_folio_split=0, mode=mode, reason=MIGRATE_REASON[reason])
+        orders = np.full(len(rc), orders, np.int64)
     nr = np.left_shift(1, orders.astype(np.int64))
     thp = orders == m.max_order
     ok, split = rc == 0, rc == SPLIT
@@ -30,12 +37,15 @@ def count_migrate(m, stats) -> None:
     """vmstat for one call, from :func:`migrate_stats`: the kernel's counters and, per
     reason (the kernel has only the tracepoint for that), ``pgmigrate_success_<reason>``
     and ``pgmigrate_fail_<reason>`` in base pages."""
-    m.count("pgmigrate_success", stats["succeeded"])
-    m.count("pgmigrate_fail", stats["failed"])
-    m.count("thp_migration_success", stats["thp_succeeded"])
-    m.count("thp_migration_fail", stats["thp_failed"])
-    m.count("thp_migration_split", stats["thp_split"])
+    for field, counter in _COUNTERS:
+        if stats[field]:
+            m.count(counter, stats[field])
     if stats["succeeded"]:
-        m.count(f"pgmigrate_success_{stats['reason']}", stats["succeeded"])
+        m.count("pgmigrate_success_" + stats["reason"], stats["succeeded"])
     if stats["failed"]:
-        m.count(f"pgmigrate_fail_{stats['reason']}", stats["failed"])
+        m.count("pgmigrate_fail_" + stats["reason"], stats["failed"])
+
+
+_COUNTERS = (("succeeded", "pgmigrate_success"), ("failed", "pgmigrate_fail"),
+             ("thp_succeeded", "thp_migration_success"), ("thp_failed", "thp_migration_fail"),
+             ("thp_split", "thp_migration_split"))

@@ -50,19 +50,22 @@ class MigrationBatch:
     live): the state the kernel keeps in ``src->private`` between unmap and finalize.
     """
 
-    def __init__(self, m, src, target):
-        mm = m.mem_map
+    def __init__(self, m, src, target, dst=None, order=None):
+        """``dst`` and ``order`` (one order for all): destinations already allocated."""
         self.m = m
         self.target = target
         self.src = np.ascontiguousarray(src, np.int64)
-        self.order = mm.order[self.src].astype(np.int64)
-        self.nr = np.left_shift(1, self.order)
         n = len(self.src)
-        self.dst = np.full(n, -1, np.int64)
+        if order is None:
+            self.order = m.mem_map.order[self.src].astype(np.int64)
+            self.nr = np.left_shift(1, self.order)
+        else:
+            self.order = np.full(n, order, np.int64)
+            self.nr = np.full(n, 1 << order, np.int64)
+        self.dst = np.full(n, -1, np.int64) if dst is None else dst
         self.rc = np.zeros(n, np.int32)
-        self.copied = np.zeros(n, bool)
-        self.moved = np.zeros(n, bool)
-        self.stray = np.zeros(n, bool)  # destinations an engine may still write
+        flags = np.zeros((3, n), bool)
+        self.copied, self.moved, self.stray = flags  # stray: destinations an engine may still write
         self.stragglers = []  # (completion, folios) of jobs whose engine did not stop
         self.entries = []  # [vma, ev, ep, ef, ew, n]
         self.split = []    # pages of large folios split for want of memory

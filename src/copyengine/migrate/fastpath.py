@@ -307,10 +307,10 @@ def migrate_folios_fast(m, vma, heads, pfns, dst, order, node, engine) -> np.nda
             out[lo:hi] = rc
     finally:
         m.put_engine(engine)
-    stats = migrate_stats(m, out[:handed], np.full(handed, order, np.int64), m.settings["migrate_mode"],
-                          MR_SYSCALL)
+    stats = migrate_stats(m, out[:handed], order, m.settings["migrate_mode"], MR_SYSCALL)
     count_migrate(m, stats)
-    putback_movable_folios(m, heads[:handed][out[:handed] != 0])
+    if stats["succeeded"] != handed << order:
+        putback_movable_folios(m, heads[:handed][out[:handed] != 0])
     if m.recorder is not None:
         m.recorder.call(start, time.perf_counter(), m.recorder.first_remap_since(start), **stats)
     if exc is not None:
@@ -327,8 +327,7 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
     mm = m.mem_map
     times = m.migrate_times
     t0 = time.perf_counter()
-    b = MigrationBatch(m, heads, node)
-    b.dst[:] = dst
+    b = MigrationBatch(m, heads, node, dst, order)
     n = len(heads)
     npages = n << order
     ev, ep, ef = (np.empty(npages, np.int64) for _ in range(3))

@@ -79,8 +79,28 @@ copies every folio not reported 0 again with ``folio_mc_copy``, so declining a f
 machine-check-safe engine (``capabilities.mc_safe``) never reads the folio and reports
 ``-EHWPOISON``; an engine that is not mc-safe reports ``-EIO`` (it may have written
 garbage to that destination) and the framework's ``folio_mc_copy`` then reports
--EHWPOISON. An asynchronous engine must honour ``Completion.cancel()``: once it returns,
-nothing writes any more (destinations may already be freed).
+-EHWPOISON. An asynchronous engine's ``Completion._cancel()`` returns True once nothing
+writes any more, or False (then it calls ``Completion.retire()`` after its last write,
+and the framework keeps the job's destinations quarantined until then).
+
+What the framework checks
+=========================
+
+Every hook result is checked in one place (:mod:`copyengine.hookcheck`) and a violation
+is a :class:`copyengine.errors.PluginError` naming the plugin: an engine's result (one
+integer per folio, 0 or -errno; otherwise the job is copied on the CPU and an
+``engine_error`` event says why), a policy's choice (an Engine or None), allocated frames
+(free blocks of the node, never the zero page, never twice). Whatever a hook raises --
+KeyboardInterrupt included -- every batch that started is finalized or undone, every
+folio not migrated is put back, and only then does the exception propagate. The job's
+arrays are read-only; an engine that writes the zero page is caught and the page
+restored; ``Capabilities.max_batch`` and ``min_bytes`` are enforced by the dispatcher.
+
+When no plugin implements a hook beyond the built-ins, a move_pages() call of private
+pages of one mapping to one node takes a cheap path (:mod:`copyengine.migrate.fastpath`)
+that calls no hook at all; implementing any of ``copyengine_alloc_frames``,
+``copyengine_batch_copy``, ``copyengine_select_engine`` or ``copyengine_migration_event``
+makes every call visible to it.
 """
 from __future__ import annotations
 
@@ -119,7 +139,10 @@ def copyengine_select_engine(machine, batch, engine):
     """Choose the engine for one batch copy (policy plugins such as ``auto``).
 
     :param machine: the :class:`copyengine.Machine` migrating.
-    :param batch: a :class:`copyengine.migrate.BatchInfo` (folio count, bytes, orders).
+    :param batch: a :class:`copyengine.migrate.BatchInfo` (folio count, bytes, orders,
+        target node, and ``reason``: the kernel's enum migrate_reason, copyengine.uapi.MR_*).
+        A batch whose reason is outside the machine's ``offload_reasons`` setting is
+        copied by the CPU without asking this hook.
     :param engine: the machine's configured :class:`~copyengine.engines.Engine`.
     :return: an Engine to use for this batch instead, or None to let the next
         implementation (and finally the configured engine) decide. The first non-None
@@ -167,6 +190,12 @@ def copyengine_migration_event(machine, event, info):
     """Observe migration, like a tracepoint. Return values are ignored.
 
     :param event: one of ``"batch_start"``, ``"batch_copy"``, ``"batch_end"``,
-        ``"folio_fail"``, ``"engine_error"`` (an engine raised: the CPU copied the batch).
+        ``"folio_fail"``, ``"engine_error"`` (an engine raised, returned a bad result or
+        wrote the zero page: the CPU copied the job), ``"mm_migrate_pages"`` (once per
+        migrate_pages() call, the kernel tracepoint's fields: succeeded, failed,
+        thp_succeeded, thp_failed, thp_split, large_folio_split, mode, reason).
     :param info: a dict of details; its arrays must not be modified (copy what you keep).
+
+    An observer that raises does not stop the migration: the exception propagates from
+    the migrating call once its batches are settled.
     """

@@ -1,5 +1,6 @@
-"""The ``mt`` engine: spec parsing, the two ways of splitting a batch, the poison rule,
-work-array reuse, the threading layer, the disk cache, and migrations through it."""
+"""The ``mt`` engine: spec parsing, the two ways of cutting a batch into chunks, the poison
+rule, work-array reuse, claiming threads (late, stalled, concurrent, idle), the disk cache,
+and migrations through it."""
 import json
 import os
 import subprocess
@@ -15,7 +16,9 @@ from hypothesis import strategies as st
 import copyengine as ce
 from copyengine import EHWPOISON
 from copyengine.engines.base import CopyJob
-from copyengine.engines.mt import MtEngine, cpu_count, max_threads, parse_threads
+from copyengine.engines import mt
+from copyengine.engines.mt import (CHUNKS_PER_THREAD, MIN_CHUNK, SOLO_BYTES, MtEngine,
+                                    cpu_count, max_threads, parse_threads)
 from copyengine.engines.mt import plan as mt_plan
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,10 +47,6 @@ def make_job(sizes, poisoned=(), mem=None, split=1):
     p = np.zeros(len(sizes), bool)
     p[list(poisoned)] = True
     return CopyJob(mem, *(np.array(x, np.int64) for x in (s, d, n, f)), p)
-
-
-def folio_bytes_per_thread(plan):
-    return [sum(b - a for _, a, b in pieces) for pieces in plan]
 
 
 # ----------------------------------------------------------------------------- specs
@@ -91,54 +90,68 @@ def test_engine_refuses_what_it_cannot_run():
         MtEngine(1).copy(CopyJob(ro, z, z + 64, z + 8, z, np.zeros(1, bool)))
 
 
-def test_describe_names_the_threading_layer():
+def test_describe_names_the_threads():
     e = MtEngine(1)
     info = e.describe()
-    assert info["threading_layer"] in ("omp", "tbb", "workqueue")
-    assert info["serialized"] == (info["threading_layer"] == "workqueue")
-    assert info["max_threads"] == MAXT
+    assert info["threading_layer"] == "python-threads"
+    assert info["max_threads"] == MAXT and info["threads"] == 1
     json.dumps(info)
 
 
 # ----------------------------------------------------------------------------- chunking
+def chunk_bytes(chunks):
+    return [sum(b - a for _, a, b in pieces) for pieces in chunks]
+
+
 def test_one_folio_many_threads_is_cut_into_chunks():
     job = make_job([2 * MiB])
-    plan = mt_plan(job, 4)                # planning needs no threads
-    assert [p for t in plan for p in t] == [(0, 0, 512 * KiB), (0, 512 * KiB, MiB),
-                                            (0, MiB, 1536 * KiB), (0, 1536 * KiB, 2 * MiB)]
+    chunks = mt_plan(job, 4)                # planning needs no threads
+    share = 2 * MiB // (4 * CHUNKS_PER_THREAD)
+    assert [p for c in chunks for p in c] == [(0, k * share, (k + 1) * share)
+                                              for k in range(4 * CHUNKS_PER_THREAD)]
 
 
 def test_fewer_folios_than_threads_cuts_folios():
-    job = make_job([64 * KiB] * 3)
-    plan = mt_plan(job, 4)
-    assert all(plan), "every thread works"
-    threads_of = {}
-    for t, pieces in enumerate(plan):
-        for f, a, b in pieces:
-            threads_of.setdefault(f, set()).add(t)
-            assert a % 64 == 0
-    assert any(len(ts) > 1 for ts in threads_of.values()), "some folio is split"
-    assert folio_bytes_per_thread(plan) == [48 * KiB] * 4
+    job = make_job([40 * KiB] * 3)
+    chunks = mt_plan(job, 4)
+    assert len(chunks) >= 4, "every thread can find work"
+    folios_of = [{f for f, _, _ in c} for c in chunks]
+    assert any(len(fs) > 1 for fs in folios_of), "some chunk spans two folios"
+    assert len(chunks) > 3, "some folio is cut"
+    assert all(a % 64 == 0 for c in chunks for _, a, _ in c)
+    assert all(b == MIN_CHUNK for b in chunk_bytes(chunks)[:-1])
 
 
-def test_as_many_folios_as_threads_gives_contiguous_blocks():
-    job = make_job([4 * KiB] * 8)
-    plan = mt_plan(job, 4)
-    assert plan == [[(0, 0, 4096), (1, 0, 4096)], [(2, 0, 4096), (3, 0, 4096)],
-                    [(4, 0, 4096), (5, 0, 4096)], [(6, 0, 4096), (7, 0, 4096)]]
+def test_as_many_folios_as_threads_gives_blocks_of_whole_folios():
+    job = make_job([64 * KiB] * 8)
+    chunks = mt_plan(job, 4)
+    assert chunks == [[(f, 0, 64 * KiB)] for f in range(8)]   # 512 KiB / 64 < MIN_CHUNK
+    job = make_job([4 * KiB] * 512)
+    chunks = mt_plan(job, 2)
+    assert len(chunks) == 2 * CHUNKS_PER_THREAD
+    assert [f for c in chunks for f, _, _ in c] == list(range(512))
+    assert all(a == 0 and b == 4 * KiB for c in chunks for _, a, b in c)
 
 
-def test_blocks_are_balanced_by_bytes_not_count():
-    job = make_job([MiB] + [4 * KiB] * 8)
-    plan = mt_plan(job, 2)
-    assert plan[0] == [(0, 0, MiB)]
-    assert [f for f, _, _ in plan[1]] == list(range(1, 9))
+def test_blocks_are_shared_by_bytes_not_count():
+    job = make_job([MiB] + [4 * KiB] * 8 + [MiB])
+    chunks = mt_plan(job, 2)
+    assert chunks[0] == [(0, 0, MiB)]
+    assert [f for f, _, _ in chunks[1]] == list(range(1, 10))   # 32 KiB < a chunk: joined
+    assert len(chunks) == 2
+
+
+def test_small_batches_and_one_thread_are_one_chunk():
+    assert len(mt_plan(make_job([4 * KiB] * 7), 2)) == 1        # below SOLO_BYTES
+    assert len(mt_plan(make_job([2 * MiB] * 4), 1)) == 1
+    assert mt_plan(make_job([]), 2) == []
 
 
 def test_poisoned_folios_are_left_out_of_the_plan():
-    job = make_job([4 * KiB] * 4, poisoned=[1])
-    plan = mt_plan(job, 2)
-    assert 1 not in {f for t in plan for f, _, _ in t}
+    job = make_job([64 * KiB] * 4, poisoned=[1])
+    chunks = mt_plan(job, 2)
+    assert 1 not in {f for c in chunks for f, _, _ in c}
+    assert {f for c in chunks for f, _, _ in c} == {0, 2, 3}
 
 
 @given(sizes=st.lists(st.sampled_from([8, 64, 4096, 8192, 65536, 2 * MiB]), min_size=0, max_size=20),
@@ -146,10 +159,10 @@ def test_poisoned_folios_are_left_out_of_the_plan():
 def test_plan_covers_every_clean_byte_once(sizes, split, nthreads, data):
     poisoned = data.draw(st.sets(st.integers(0, len(sizes) - 1), max_size=3)) if sizes else set()
     job = make_job(sizes, poisoned=poisoned, split=split)
-    plan = mt_plan(job, nthreads)
-    assert len(plan) == nthreads
+    chunks = mt_plan(job, nthreads)
     covered = {f: [] for f in range(len(sizes))}
-    for pieces in plan:
+    for pieces in chunks:
+        assert pieces, "no empty chunk"
         for f, a, b in pieces:
             covered[f].append((a, b))
     clean = [f for f in range(len(sizes)) if f not in poisoned]
@@ -163,20 +176,23 @@ def test_plan_covers_every_clean_byte_once(sizes, split, nthreads, data):
             assert a == pos
             pos = b
         assert pos == sizes[f]
-    per_thread = folio_bytes_per_thread(plan)
     total = sum(sizes[f] for f in clean)
-    if len(clean) >= nthreads:
-        # whole folios, each thread a contiguous block in job order
+    sizes_of = chunk_bytes(chunks)
+    if nthreads == 1 or total < SOLO_BYTES:
+        assert len(chunks) == (1 if total else 0)
+    elif len(clean) >= nthreads:
+        # whole folios, chunks in job order, each at least a chunk's worth but the last
         owner = {}
-        for t, pieces in enumerate(plan):
+        for k, pieces in enumerate(chunks):
             for f, _, _ in pieces:
-                assert owner.setdefault(f, t) == t
+                assert owner.setdefault(f, k) == k
         order = [owner[f] for f in clean]
         assert order == sorted(order)
-    elif total:
-        # folios cut: every thread within a cache line of an equal share
-        for b in per_thread:
-            assert abs(b - total / nthreads) <= 64 + 8
+        assert all(b >= MIN_CHUNK for b in sizes_of[:-1])
+    else:
+        # folios cut: equal cache-line multiples, enough for every thread to take several
+        assert len(set(sizes_of[:-1])) <= 1 and sizes_of[0] % 64 == 0
+        assert len(chunks) <= nthreads * CHUNKS_PER_THREAD + 1
 
 
 # ----------------------------------------------------------------------------- copying
@@ -319,29 +335,123 @@ def test_fresh_process_loads_kernels_from_the_cache():
     assert "COMPILED []" in second.stdout, second.stdout
 
 
-@needs2
-@pytest.mark.timeout(240)
-def test_workqueue_layer_is_serialized():
-    # workqueue aborts the process when two threads enter a parallel region at once:
-    # with it, mt must hold its lock around every parallel call.
+def test_no_numba_parallel_runtime_is_started():
+    """mt's threads are its own: Numba's threading layer (and its private API) is never
+    touched, so the public numba.threading_layer() still says it is not initialized."""
     code = """
-    import threading, numpy as np
+    import numba, numpy as np
     from copyengine.engines.mt import MtEngine
     from copyengine.engines.base import CopyJob
+    mem = np.zeros(8 << 20, np.uint8); mem[:2 << 20] = 3
+    n = 32
+    s = np.arange(n, dtype=np.int64) * 65536
+    job = CopyJob(mem, s, s + (4 << 20), np.full(n, 65536, np.int64), np.arange(n), np.zeros(n, bool))
+    e = MtEngine(%d)
+    assert not e.copy(job).any() and (mem[4 << 20:6 << 20] == 3).all()
+    try:
+        numba.threading_layer()
+    except ValueError:
+        print("NOT STARTED")
+    """ % MAXT
+    r = _python(code)
+    assert r.returncode == 0 and "NOT STARTED" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+# ----------------------------------------------------------------------------- threads
+def big_job(fill):
+    job = make_job([64 * KiB] * 32)
+    job.mem[:2 * MiB] = fill
+    return job
+
+
+def dst_of(job):
+    half = len(job.mem) // 2 // 4096 * 4096
+    return job.mem[half:half + 2 * MiB]
+
+
+def test_workers_that_never_run_do_not_hold_the_batch(monkeypatch):
+    """No worker is woken (as if the scheduler never ran one): the caller claims every
+    chunk and returns at once."""
+    e = MtEngine(2) if MAXT >= 2 else pytest.skip("needs 2 CPUs")
+    monkeypatch.setattr(mt._Pool, "_wake", lambda self: None)
+    job = big_job(5)
+    assert not e.copy(job).any() and (dst_of(job) == 5).all()
+    assert e.describe()["workers_running"] == 0
+
+
+def test_a_late_worker_copies_nothing():
+    """A worker that wakes after its batch finds another generation (or no chunk left)
+    in the counter and touches no memory."""
+    job = big_job(9)
+    prefix, edges = np.empty(len(job.nbytes) + 1, np.int64), np.empty(128, np.int64)
+    result = np.empty(job.nr_folios, np.int32)
+    _, nchunks = mt._plan(len(job.mem), job.src_off, job.dst_off, job.nbytes, job.folio,
+                          job.src_poisoned, 2, result, prefix, edges)
+    assert nchunks > 1
+    args = (job.mem, job.src_off, job.dst_off, prefix, len(job.nbytes), edges, nchunks, 1 << 40)
+    ctl = np.array([7 << 32, 0], np.int64)                 # generation 7 is current
+    assert mt._claim_and_copy(*args, ctl, 6) == 0           # a worker of generation 6
+    ctl[0] = (7 << 32) | nchunks                              # generation 7: all claimed
+    assert mt._claim_and_copy(*args, ctl, 7) == 0
+    assert not dst_of(job).any()
+    ctl[0] = 7 << 32
+    assert mt._claim_and_copy(*args, ctl, 7) == nchunks and ctl[1] == nchunks
+    assert (dst_of(job) == 9).all()
+
+
+def test_a_stalled_worker_is_waited_for_with_a_bound(monkeypatch):
+    """A claimed chunk is waited for (its bytes may still be moving), but not forever."""
+    e = MtEngine(2) if MAXT >= 2 else pytest.skip("needs 2 CPUs")
+
+    def stall(pool):                       # a "worker" claims chunk 0 and never finishes
+        pool.ctl[0] += 1
+    monkeypatch.setattr(mt._Pool, "_wake", stall)
+    monkeypatch.setattr(mt, "WAIT_LIMIT", 0.05)
+    monkeypatch.setattr(mt, "SPINS", 10)
+    with pytest.raises(RuntimeError, match="held a chunk for more than 0.05 s"):
+        e.copy(big_job(1))
+    monkeypatch.undo()
+    job = big_job(2)                       # the engine still works afterwards
+    assert not e.copy(job).any() and (dst_of(job) == 2).all()
+
+
+@needs2
+def test_threads_sharing_one_engine():
+    """Several threads call one engine at once: one batch uses the workers, the others
+    copy alone; every batch is right."""
+    import threading
     e = MtEngine(2)
-    assert e.describe()["threading_layer"] == "workqueue", e.describe()
-    assert e.describe()["serialized"]
+    errors = []
+
     def work(k):
-        mem = np.zeros(4 << 20, np.uint8); mem[:1 << 20] = k + 1
-        n = 16
-        s = np.arange(n, dtype=np.int64) * 65536
-        job = CopyJob(mem, s, s + (2 << 20), np.full(n, 65536, np.int64), np.arange(n), np.zeros(n, bool))
-        for _ in range(200):
-            assert not e.copy(job).any()
-        assert (mem[2 << 20:3 << 20] == k + 1).all()
+        try:
+            for i in range(30):
+                job = big_job(k * 40 + i + 1)
+                assert not e.copy(job).any()
+                assert (dst_of(job) == k * 40 + i + 1).all()
+        except BaseException as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
     ts = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    [t.start() for t in ts]; [t.join() for t in ts]
-    print("OK")
-    """
-    r = _python(code, env={"NUMBA_THREADING_LAYER": "workqueue"})
-    assert r.returncode == 0 and "OK" in r.stdout, (r.returncode, r.stderr[-2000:])
+    [t.start() for t in ts]
+    [t.join(60) for t in ts]
+    assert not errors and not any(t.is_alive() for t in ts)
+
+
+@needs2
+def test_idle_workers_leave_and_come_back(monkeypatch):
+    import time
+    monkeypatch.setattr(mt, "IDLE_EXIT", 0.05)
+    e = MtEngine(2)
+    assert e.describe()["workers_running"] == 0     # none before the first batch
+    job = big_job(4)
+    e.copy(job)
+    assert e.describe()["workers_running"] == 1
+    deadline = time.monotonic() + 5
+    while e.describe()["workers_running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert e.describe()["workers_running"] == 0
+    job = big_job(6)
+    assert not e.copy(job).any() and (dst_of(job) == 6).all()
+    assert e.describe()["workers_running"] == 1
+    e.close()
+    assert e.describe()["workers_running"] == 0

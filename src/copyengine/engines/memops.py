@@ -4,6 +4,8 @@
 ``copy`` adds non-temporal stores (the seed's TODO 4) for data that cannot stay cached. ``copy_spans`` is the body of
 a batched ``folio_mc_copy``: the chosen descriptors, with neighbours that are contiguous
 on both sides merged into one span, as a DMA engine's coalescing would.
+``atomic_load``/``atomic_cas``/``atomic_add`` on an int64 array are what the ``mt``
+engine's threads claim chunks with (the kernel's atomic_long_* on a shared counter).
 """
 from __future__ import annotations
 
@@ -67,6 +69,51 @@ def address(typingctx, mem):
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         return builder.ptrtoint(data, ir.IntType(64))
+
+    return sig, codegen
+
+
+def _slot(context, builder, arrty, arr, idx):
+    """Pointer to ``arr[idx]`` (an int64 array), no bounds check."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.gep(data, [idx])
+
+
+@intrinsic
+def atomic_load(typingctx, arr, idx):
+    """``arr[idx]`` read with acquire ordering (sees every store made before the
+    release that published it)."""
+    sig = types.int64(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ptr = _slot(context, builder, signature.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_cas(typingctx, arr, idx, expected, new):
+    """Compare-and-swap ``arr[idx]`` (sequentially consistent): store ``new`` if it
+    holds ``expected``; returns what it held (== expected on success)."""
+    sig = types.int64(arr, idx, expected, new)
+
+    def codegen(context, builder, signature, args):
+        ptr = _slot(context, builder, signature.args[0], args[0], args[1])
+        pair = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 0)
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_add(typingctx, arr, idx, delta):
+    """``arr[idx] += delta`` atomically (sequentially consistent); returns the old value."""
+    sig = types.int64(arr, idx, delta)
+
+    def codegen(context, builder, signature, args):
+        ptr = _slot(context, builder, signature.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
 
     return sig, codegen
 

@@ -1,4 +1,7 @@
-"""The auto policy: conformance, choices from the cost model, idle CPUs, availability."""
+"""The auto policy: conformance, choices from the cost model, idle CPUs, availability,
+per-Machine state, and the engine_choice event."""
+import os
+
 import numpy as np
 import pytest
 
@@ -18,10 +21,12 @@ def m():
         yield machine
 
 
-def _models(monkeypatch, **models):
-    """Replace the calibrated models: spec -> (overhead s, bandwidth B/s)."""
-    table = {spec.replace("_", ":"): auto._Model(o, bw) for spec, (o, bw) in models.items()}
-    monkeypatch.setattr(auto, "_models", table)
+def _models(engine, models):
+    """Replace the engine's calibrated models: spec -> (overhead s, bandwidth B/s[, cpus])."""
+    engine._ensure()
+    table = {spec: auto._Model(*m) for spec, m in models.items()}
+    engine.models.clear()
+    engine.models.update(table)
     return table
 
 
@@ -46,7 +51,7 @@ def test_picks_the_least_predicted_time(m, monkeypatch):
     models["serial"] = cheap
     two = "mt:2" if "mt:2" in e.engines else "mt:1"
     models[two] = fast_big
-    _models(monkeypatch, **{k.replace(":", "_"): v for k, v in models.items()})
+    _models(e, models)
     monkeypatch.setattr(e, "idle", lambda: 64)
     e._calls = 1  # keep exploration out of these choices
     assert e.choose(4096) == "serial"
@@ -54,21 +59,29 @@ def test_picks_the_least_predicted_time(m, monkeypatch):
     assert e.choose(64 << 20) == two
 
 
-def test_counts_only_idle_cpus(m, monkeypatch):
+def test_fewer_idle_cpus_than_measured_slow_a_candidate_down(m, monkeypatch):
+    """mt:2 measured with 2 free CPUs is predicted half as fast when one is free: it loses
+    to serial unless it is more than twice as fast."""
     e = m.engine
     e._ensure()
     if "mt:2" not in e.engines:
         pytest.skip("needs two CPUs for mt:2")
     models = {spec: (1.0, 1e6) for spec in e.engines}
-    models["serial"] = (1e-6, 1e9)
-    models["mt:2"] = (1e-6, 100e9)
-    _models(monkeypatch, **{k.replace(":", "_"): v for k, v in models.items()})
+    models["serial"] = (1e-6, 1e9, 1)
+    models["mt:2"] = (1e-6, 1.5e9, 2)
+    _models(e, models)
+    for idle, expected in ((2, "mt:2"), (1, "serial")):
+        monkeypatch.setattr(e, "idle", lambda idle=idle: idle)
+        e._calls = 1
+        assert e.choose(64 << 20) == expected
+        assert e.last_idle == idle
+    assert e.last_predicted["mt:2"] == pytest.approx(2 * e.models["mt:2"].predict(64 << 20))
+    e.models["mt:2"].bandwidth = 3e9          # twice as fast even on one CPU: still worth it
     e._calls = 1
-    monkeypatch.setattr(e, "idle", lambda: 2)
     assert e.choose(64 << 20) == "mt:2"
+    e.models["mt:2"].bandwidth, e.models["mt:2"].cpus = 1.5e9, 1   # measured on one CPU
     e._calls = 1
-    monkeypatch.setattr(e, "idle", lambda: 1)   # the other CPU is busy: one thread only
-    assert e.choose(64 << 20) == "serial"
+    assert e.choose(64 << 20) == "mt:2"       # ... is not slowed down further
 
 
 def test_respects_an_engines_minimum_size(m, monkeypatch):
@@ -79,7 +92,7 @@ def test_respects_an_engines_minimum_size(m, monkeypatch):
     models = {spec: (1.0, 1e6) for spec in e.engines}
     models["serial"] = (1e-3, 1e9)
     models["opencl"] = (1e-9, 1e15)  # "free", but only above its min_bytes
-    _models(monkeypatch, **{k.replace(":", "_"): v for k, v in models.items()})
+    _models(e, models)
     monkeypatch.setattr(e, "idle", lambda: 64)
     small = e.engines["opencl"].capabilities.min_bytes - 1
     e._calls = 1
@@ -101,8 +114,8 @@ def test_observations_correct_the_model():
 def test_exploration_revisits_the_least_recently_measured(m, monkeypatch):
     e = m.engine
     e._ensure()
-    models = _models(monkeypatch, **{k.replace(":", "_"): (1e-6, 1e9) for k in e.engines})
-    models["serial"].bandwidth = 1e12  # serial always predicted best
+    models = _models(e, {k: (1e-6, 1e9) for k in e.engines})
+    models["serial"].bandwidth = 1e9 * 1.5  # serial always predicted best, the rest near it
     monkeypatch.setattr(e, "idle", lambda: 64)
     size = 64 << 20  # above every engine's minimum (opencl declines small batches)
     seen = set()
@@ -117,14 +130,12 @@ def test_unavailable_engines_are_never_candidates(monkeypatch):
     """An engine that cannot be created here (not registered, or EngineUnavailable) is
     left out with its reason; auto still copies, with what there is."""
     from copyengine.plugins import make_plugin_manager
-    monkeypatch.setattr(auto, "_models", {})
-    monkeypatch.setattr(auto, "_unavailable", {})
     pm = make_plugin_manager(builtins=["serial", "auto"], entry_points=False)
     with ce.Machine(nodes=2, node_size="8MiB", plugin_manager=pm) as machine:
         assert machine.engine_spec == "auto"
         engines = machine.engine._ensure()
         assert set(engines) == {"serial"}
-        assert "mt:1" in auto._unavailable and "opencl" in auto._unavailable
+        assert "mt:1" in machine.engine.unavailable and "opencl" in machine.engine.unavailable
         p = machine.spawn()
         a = p.mmap(1 << 20)
         p.write(a, b"k" * (1 << 20))
@@ -174,3 +185,84 @@ def test_idle_cpus_count_this_processs_own_work_as_available(monkeypatch):
     monkeypatch.setattr(auto.IdleCpus, "_own", classmethod(lambda cls: next(own)))
     idle()
     assert idle() == 2
+
+
+def test_exploration_skips_candidates_predicted_far_slower(m, monkeypatch):
+    e = m.engine
+    e._ensure()
+    models = _models(e, {k: (1e-6, 1e8) for k in e.engines})   # all 10x slower than serial
+    models["serial"].bandwidth = 1e9
+    monkeypatch.setattr(e, "idle", lambda: 64)
+    assert {e.choose(64 << 20) for _ in range(3 * auto._EXPLORE_EVERY)} == {"serial"}
+
+
+def _migrate_some(machine, nbytes=1 << 20):
+    p = machine.spawn()
+    a = p.mmap(nbytes)
+    p.write(a, b"q" * nbytes)
+    r = p.move_pages(0, [a + 4096 * i for i in range(nbytes // 4096)], [1] * (nbytes // 4096))
+    assert r.ret == 0 and p.read(a, nbytes) == b"q" * nbytes
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_a_machine_restricted_to_one_cpu_does_not_change_later_machines():
+    """Issue 14: no state outlives its Machine. One made while this thread may run on one
+    CPU only has no mt:2; one made afterwards has it, with its own measurements."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        with ce.Machine(nodes=2, node_size="8MiB") as narrow:
+            _migrate_some(narrow)
+            assert narrow.engine.cpus == 1
+            assert "mt:2" not in narrow.engine.engines and "mt:2" not in narrow.engine.models
+            narrow_models = narrow.engine.models
+    finally:
+        os.sched_setaffinity(0, allowed)
+    with ce.Machine(nodes=2, node_size="8MiB") as wide:
+        _migrate_some(wide)
+        e = wide.engine
+        assert e.cpus == len(allowed) and "mt:2" in e.engines and "mt:2" not in e.unavailable
+        assert all(e.models[s] is not narrow_models.get(s) for s in e.models)
+        e.models["serial"].bandwidth = e.models["mt:2"].bandwidth / 4   # mt:2 clearly best
+        e.models["mt:2"].cpus = 1
+        e.idle = lambda: 2
+        e._calls = 1
+        assert e.choose(64 << 20) == "mt:2"
+
+
+def test_machines_do_not_share_measurements():
+    with ce.Machine(nodes=2, node_size="8MiB") as a, ce.Machine(nodes=2, node_size="8MiB") as b:
+        a.engine._ensure()
+        b.engine._ensure()
+        assert set(a.engine.models) == set(b.engine.models)
+        assert not set(map(id, a.engine.models.values())) & set(map(id, b.engine.models.values()))
+        a.engine.models["serial"].observe(1 << 20, 1.0)       # a terrible batch on a ...
+        assert b.engine.models["serial"].ratio == {}          # ... is not b's
+
+
+def test_engine_choice_event_says_why():
+    from copyengine.plugins import make_plugin_manager
+
+    class Watch:
+        def __init__(self):
+            self.events = []
+
+        @ce.hookimpl
+        def copyengine_migration_event(self, machine, event, info):
+            if event in ("engine_choice", "batch_copy"):
+                self.events.append((event, dict(info)))
+
+    watch = Watch()
+    pm = make_plugin_manager(entry_points=False, plugins=[watch])
+    with ce.Machine(nodes=2, node_size="8MiB", plugin_manager=pm) as machine:
+        _migrate_some(machine)
+        choices = [i for ev, i in watch.events if ev == "engine_choice"]
+        assert len(choices) == sum(machine.engine.choices.values()) >= 1
+        info = choices[-1]
+        assert info["engine"] == machine.engine.last_choice
+        assert info["engine"] in info["predicted_us"] and "serial" in info["predicted_us"]
+        assert info["reason"] in ("least predicted time", "exploring", "only serial fits")
+        assert 1 <= info["idle_cpus"] <= info["cpus"] == machine.engine.cpus
+        assert info["nbytes"] == 1 << 20
+        if info["reason"] == "least predicted time":
+            assert info["predicted_us"][info["engine"]] == min(info["predicted_us"].values())

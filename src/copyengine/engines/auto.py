@@ -1,21 +1,36 @@
 """``auto``: a per-batch policy over the other engines (the seed's TODOs 1 and 3).
 
 For every batch it predicts the copy time of each candidate engine -- ``serial``, ``mt:N``
-for N up to the CPUs that are idle right now, and ``opencl`` where an OpenCL device is
-present and the batch is above its minimum -- as ``overhead + bytes / bandwidth``, and runs
-the fastest. The two numbers per engine are first measured on a scratch buffer when the
-policy is created (a few tens of milliseconds, shared by every ``auto`` engine of the
-process), then corrected from every batch it actually runs (an exponentially weighted
-ratio of measured to predicted time, per engine and batch-size class), so the model
-follows the machine it runs on rather than numbers written here.
+for N = 1, 2, 4 ... up to the CPUs this process may use, and ``opencl`` where an OpenCL
+device is present and the batch is above its minimum -- as ``overhead + bytes /
+bandwidth``, and runs the fastest. The two numbers per engine are measured on a scratch
+buffer the first time the engine copies (a few tens of milliseconds), then corrected from
+every batch it actually runs (an exponentially weighted ratio of measured to predicted
+time, per engine and batch-size class), so the model follows the machine it runs on
+rather than numbers written here.
 
-Idle CPUs come from /proc/stat (sampled at most every 0.2 s; the load average where
-/proc/stat is missing). The calling CPU counts as available: it is the one that would
-copy anyway. ``serial`` is always a candidate, so ``auto`` is never slower than the
-batched single-thread copy, which is never slower than ``vanilla`` ("at worst the same").
+**Idle CPUs** come from /proc/stat (sampled at most every 0.2 s; the load average where
+/proc/stat is missing); this process's own CPU time counts as available, and so does the
+calling CPU. A candidate is measured with the CPUs that were free then (``_Model.cpus``:
+its threads, capped by the idle CPUs seen across the calibration); when fewer are free
+now, its predicted time grows by that ratio (its threads share what is left). ``mt:N``
+claims work dynamically, so a thread that does not get a CPU costs it little; the
+prediction says so only as far as observations correct it. ``serial`` is always a
+candidate, so ``auto`` is never slower than the batched single-thread copy, which is
+never slower than ``vanilla`` ("at worst the same").
+
+**State is per engine**, so per Machine: calibration, corrections, idle-CPU samples and
+the candidates that could not be created. One Machine made while the process was
+restricted to one CPU does not change what a later Machine sees.
+
+**Why it chose**: when a ``copyengine_migration_event`` observer is registered, every
+batch first sends an ``"engine_choice"`` event: ``{"engine", "nbytes", "reason",
+"idle_cpus", "cpus", "predicted_us": {candidate: microseconds}}`` (``reason``: ``"least
+predicted time"``, ``"exploring"``, or ``"only serial fits"``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -31,6 +46,7 @@ from .base import Capabilities, CopyJob, Engine, run_engine
 _CALIBRATION_SIZES = (4096, 64 << 10, 1 << 20, 8 << 20)
 _EWMA = 0.2
 _EXPLORE_EVERY = 32  # one batch in this many re-measures the least recently tried candidate
+_EXPLORE_WITHIN = 2.0  # ... among those predicted at most this much slower than the best
 
 
 def available_cpus() -> int:
@@ -89,10 +105,11 @@ class IdleCpus:
 
 
 class _Model:
-    """overhead + bytes/bandwidth per engine, corrected per size class from observations."""
+    """overhead + bytes/bandwidth per engine, corrected per size class from observations.
+    ``cpus``: the CPUs the engine's threads had while it was measured."""
 
-    def __init__(self, overhead, bandwidth):
-        self.overhead, self.bandwidth = overhead, bandwidth
+    def __init__(self, overhead, bandwidth, cpus=1):
+        self.overhead, self.bandwidth, self.cpus = overhead, bandwidth, cpus
         self.ratio = {}
         self.seen = {}  # size class -> time of the last observation
 
@@ -112,27 +129,32 @@ def _size_class(nbytes):
     return max(0, int(math.log2(max(nbytes, 1))))
 
 
-def _calibrate(engine) -> _Model:
+def _calibrate(engine, cpus=1) -> _Model:
     """Median times of copies of a few sizes on a scratch buffer, fitted by least squares."""
     biggest = max(_CALIBRATION_SIZES)
     buf = mmap.mmap(-1, 2 * biggest)  # page aligned, like physical memory (device engines need it)
-    mem = np.frombuffer(buf, np.uint8)
-    mem[:biggest] = 1
-    xs, ys = [], []
-    for size in _CALIBRATION_SIZES:
-        job = CopyJob(mem, np.array([0], np.int64), np.array([biggest], np.int64),
-                      np.array([size], np.int64), np.array([0], np.int64), np.zeros(1, bool))
-        run_engine(engine, job, 10.0)  # warm (threads started, device buffers made)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            run_engine(engine, job, 10.0)
-            times.append(time.perf_counter() - t0)
-        xs.append(size)
-        ys.append(sorted(times)[1])
+    try:
+        mem = np.frombuffer(buf, np.uint8)
+        mem[:biggest] = 1
+        xs, ys = [], []
+        for size in _CALIBRATION_SIZES:
+            job = CopyJob(mem, np.array([0], np.int64), np.array([biggest], np.int64),
+                          np.array([size], np.int64), np.array([0], np.int64), np.zeros(1, bool))
+            run_engine(engine, job, 10.0)  # warm (threads started, device buffers made)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                run_engine(engine, job, 10.0)
+                times.append(time.perf_counter() - t0)
+            xs.append(size)
+            ys.append(sorted(times)[1])
+        del mem, job
+    finally:
+        with contextlib.suppress(BufferError):
+            buf.close()
     slope, intercept = np.polyfit(np.array(xs, float), np.array(ys, float), 1)
     bandwidth = 1.0 / slope if slope > 0 else 1e12
-    return _Model(max(float(intercept), min(ys) * 0.5, 1e-7), float(bandwidth))
+    return _Model(max(float(intercept), min(ys) * 0.5, 1e-7), float(bandwidth), cpus)
 
 
 def candidate_specs(cpus: int) -> list[str]:
@@ -146,34 +168,10 @@ def candidate_specs(cpus: int) -> list[str]:
     return specs + ["opencl"]
 
 
-_models: dict = {}        # spec -> _Model, measured once per process
-_unavailable: dict = {}   # spec -> why it cannot run here
-_models_lock = threading.Lock()
-
-
-def _measure(machine, registry, specs):
-    """Calibrate every spec not measured yet (with its own engine instance, closed after)."""
-    from .base import create_engine
-    with _models_lock:
-        for spec in specs:
-            if spec in _models or spec in _unavailable:
-                continue
-            try:
-                engine = create_engine(spec, machine, registry)
-            except (ValueError, EngineUnavailable) as e:
-                _unavailable[spec] = str(e)
-                continue
-            try:
-                _models[spec] = _calibrate(engine)
-            except Exception as e:  # an engine that cannot copy here is no candidate
-                _unavailable[spec] = f"calibration failed: {type(e).__name__}: {e}"
-            finally:
-                engine.close()
-
-
 class AutoEngine(Engine):
     """Chooses serial, mt:N or opencl per batch (see the module docstring). The candidate
-    engines are created, and calibrated if this process has not yet, on the first copy."""
+    engines are created and calibrated on this engine's first copy; nothing is shared with
+    another ``auto`` engine."""
 
     def __init__(self, machine):
         self.machine = machine
@@ -181,6 +179,8 @@ class AutoEngine(Engine):
         self.idle = IdleCpus(self.cpus)
         self.capabilities = Capabilities(threads=self.cpus, mc_safe=True)
         self.engines = None
+        self.models = {}        # spec -> _Model
+        self.unavailable = {}   # spec -> why it cannot run here
         self.last_choice = None
         self.choices = {}
         self._calls = 0
@@ -193,40 +193,85 @@ class AutoEngine(Engine):
             from ..plugins import engine_registry
             from .base import create_engine
             registry = engine_registry(self.machine.pm)
-            specs = candidate_specs(self.cpus)
-            _measure(self.machine, registry, specs)
+            made = {}
+            for spec in candidate_specs(self.cpus):
+                try:
+                    made[spec] = create_engine(spec, self.machine, registry)
+                except (ValueError, EngineUnavailable) as e:
+                    self.unavailable[spec] = str(e)
+            probe = IdleCpus(self.cpus, period=0.0)
+            probe()
             engines = {}
-            for spec in specs:
-                if spec in _models:
-                    try:
-                        engines[spec] = create_engine(spec, self.machine, registry)
-                    except (ValueError, EngineUnavailable) as e:
-                        _unavailable[spec] = str(e)
+            for spec, engine in made.items():
+                try:
+                    self.models[spec] = _calibrate(engine, engine.capabilities.threads)
+                    engines[spec] = engine
+                except Exception as e:  # an engine that cannot copy here is no candidate
+                    self.unavailable[spec] = f"calibration failed: {type(e).__name__}: {e}"
+                    engine.close()
+            free = probe()           # the CPUs that were free while the candidates were measured
+            for spec, model in self.models.items():
+                model.cpus = max(1, min(model.cpus, free))
             self.engines = engines
             return engines
 
+    def _factor(self, spec, idle):
+        """How much slower ``spec`` is now than when measured: its threads get ``idle``
+        CPUs at most, it had ``model.cpus``."""
+        now = min(self.engines[spec].capabilities.threads, idle)
+        had = self.models[spec].cpus
+        return had / now if now < had else 1.0
+
+    def predictions(self, nbytes: int, idle: int) -> dict:
+        """Predicted seconds per candidate that accepts a batch of ``nbytes``."""
+        out = {}
+        for spec, e in self.engines.items():
+            if e.capabilities.min_bytes and nbytes < e.capabilities.min_bytes:
+                continue
+            out[spec] = self.models[spec].predict(nbytes) * self._factor(spec, idle)
+        return out
+
     def choose(self, nbytes: int) -> str:
-        """The candidate with the least predicted time among those that fit the idle CPUs."""
-        engines = self._ensure()
-        idle = self.idle()
-        fits = [spec for spec, e in engines.items()
-                if e.capabilities.threads <= idle
-                and not (e.capabilities.min_bytes and nbytes < e.capabilities.min_bytes)]
-        if not fits:
+        """The candidate with the least predicted time (sets ``last_reason``,
+        ``last_predicted`` and ``last_idle``)."""
+        self._ensure()
+        idle = self.last_idle = self.idle()
+        pred = self.last_predicted = self.predictions(nbytes, idle)
+        if not pred:
+            self.last_reason = "only serial fits"
             return "serial"
         self._calls += 1
+        best = min(pred, key=pred.get)
+        self.last_reason = "least predicted time"
         if self._calls % _EXPLORE_EVERY == 0:
-            # A model measured on a busy machine could hide an engine for good: re-measure.
+            # A model measured on a busy machine could hide an engine for good: re-measure
+            # the least recently tried of those not far from the best.
+            near = [s for s, t in pred.items() if t <= _EXPLORE_WITHIN * pred[best]]
             c = _size_class(nbytes)
-            return min(fits, key=lambda spec: _models[spec].seen.get(c, 0.0))
-        return min(fits, key=lambda spec: _models[spec].predict(nbytes))
+            pick = min(near, key=lambda spec: self.models[spec].seen.get(c, 0.0))
+            if pick != best:
+                self.last_reason = "exploring"
+            return pick
+        return best
+
+    def _tell(self, spec, nbytes):
+        """The engine_choice event, for observers (tracepoint-like: skipped when none)."""
+        hook = self.machine.pm.hook.copyengine_migration_event
+        if not hook.get_hookimpls():
+            return
+        hook(machine=self.machine, event="engine_choice",
+             info={"engine": spec, "nbytes": int(nbytes), "reason": self.last_reason,
+                   "idle_cpus": int(self.last_idle), "cpus": self.cpus,
+                   "predicted_us": {s: round(t * 1e6, 2) for s, t in self.last_predicted.items()}})
 
     def copy(self, job):
         nbytes = job.total_bytes
         spec = self.choose(nbytes)
+        self._tell(spec, nbytes)
+        factor = self._factor(spec, self.last_idle) if spec in self.engines else 1.0
         t0 = time.perf_counter()
         res = run_engine(self.engines[spec], job, self.machine.settings["copy_timeout"])
-        _models[spec].observe(nbytes, time.perf_counter() - t0)
+        self.models[spec].observe(nbytes, (time.perf_counter() - t0) / factor)
         self.last_choice = spec
         self.choices[spec] = self.choices.get(spec, 0) + 1
         return res
@@ -234,14 +279,16 @@ class AutoEngine(Engine):
     def describe(self):
         self._ensure()
         return {"candidates": {s: {"overhead_us": round(m.overhead * 1e6, 2),
-                                   "bandwidth_gbps": round(m.bandwidth / 1e9, 2)}
-                               for s, m in _models.items() if s in self.engines},
-                "unavailable": dict(_unavailable), "cpus": self.cpus, "idle_cpus": self.idle()}
+                                   "bandwidth_gbps": round(m.bandwidth / 1e9, 2),
+                                   "cpus": m.cpus}
+                               for s, m in self.models.items() if s in self.engines},
+                "unavailable": dict(self.unavailable), "cpus": self.cpus, "idle_cpus": self.idle()}
 
     def close(self):
-        for engine in (self.engines or {}).values():
+        with self._lock:
+            engines, self.engines = self.engines, None
+        for engine in (engines or {}).values():
             engine.close()
-        self.engines = None
 
 
 def _factory(arg, machine):

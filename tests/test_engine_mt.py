@@ -373,7 +373,7 @@ def test_workers_that_never_run_do_not_hold_the_batch(monkeypatch):
     """No worker is woken (as if the scheduler never ran one): the caller claims every
     chunk and returns at once."""
     e = MtEngine(2) if MAXT >= 2 else pytest.skip("needs 2 CPUs")
-    monkeypatch.setattr(mt._Pool, "_wake", lambda self: None)
+    monkeypatch.setattr(mt._Pool, "_start", lambda self: None)
     job = big_job(5)
     assert not e.copy(job).any() and (dst_of(job) == 5).all()
     assert e.describe()["workers_running"] == 0
@@ -389,13 +389,16 @@ def test_a_late_worker_copies_nothing():
                           job.src_poisoned, 2, result, prefix, edges)
     assert nchunks > 1
     args = (job.mem, job.src_off, job.dst_off, prefix, len(job.nbytes), edges, nchunks, 1 << 40)
-    ctl = np.array([7 << 32, 0], np.int64)                 # generation 7 is current
+    ctl = np.zeros(mt.C_SLOTS + 1, np.int64)
+    ctl[mt.C_CLAIM] = 7 << 32                                 # generation 7 is current
     assert mt._claim_and_copy(*args, ctl, 6) == 0           # a worker of generation 6
-    ctl[0] = (7 << 32) | nchunks                              # generation 7: all claimed
+    ctl[mt.C_CLAIM] = (7 << 32) | nchunks                     # generation 7: all claimed
+    assert mt._claim_and_copy(*args, ctl, 7) == 0
+    ctl[mt.C_CLAIM] = 0                                       # between batches
     assert mt._claim_and_copy(*args, ctl, 7) == 0
     assert not dst_of(job).any()
-    ctl[0] = 7 << 32
-    assert mt._claim_and_copy(*args, ctl, 7) == nchunks and ctl[1] == nchunks
+    ctl[mt.C_CLAIM] = 7 << 32
+    assert mt._claim_and_copy(*args, ctl, 7) == nchunks and ctl[mt.C_DONE] == nchunks
     assert (dst_of(job) == 9).all()
 
 
@@ -403,11 +406,14 @@ def test_a_stalled_worker_is_waited_for_with_a_bound(monkeypatch):
     """A claimed chunk is waited for (its bytes may still be moving), but not forever."""
     e = MtEngine(2) if MAXT >= 2 else pytest.skip("needs 2 CPUs")
 
-    def stall(pool):                       # a "worker" claims chunk 0 and never finishes
-        pool.ctl[0] += 1
-    monkeypatch.setattr(mt._Pool, "_wake", stall)
+    real = mt._run_batch
+
+    def stalled(ctl, *args):               # as if a worker had claimed a chunk and stopped
+        real(ctl, *args)
+        ctl[mt.C_DONE] -= 1
+        return False
+    monkeypatch.setattr(mt, "_run_batch", stalled)
     monkeypatch.setattr(mt, "WAIT_LIMIT", 0.05)
-    monkeypatch.setattr(mt, "SPINS", 10)
     with pytest.raises(RuntimeError, match="held a chunk for more than 0.05 s"):
         e.copy(big_job(1))
     monkeypatch.undo()
@@ -453,5 +459,9 @@ def test_idle_workers_leave_and_come_back(monkeypatch):
     job = big_job(6)
     assert not e.copy(job).any() and (dst_of(job) == 6).all()
     assert e.describe()["workers_running"] == 1
+    pool = e._pool
     e.close()
-    assert e.describe()["workers_running"] == 0
+    deadline = time.monotonic() + 5
+    while pool.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.running() == 0 and e.describe()["workers_running"] == 0

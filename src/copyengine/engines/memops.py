@@ -4,7 +4,7 @@
 ``copy`` adds non-temporal stores (the seed's TODO 4) for data that cannot stay cached. ``copy_spans`` is the body of
 a batched ``folio_mc_copy``: the chosen descriptors, with neighbours that are contiguous
 on both sides merged into one span, as a DMA engine's coalescing would.
-``atomic_load``/``atomic_cas``/``atomic_add`` on an int64 array are what the ``mt``
+``atomic_load``/``atomic_store``/``atomic_cas``/``atomic_add`` on an int64 array are what the ``mt``
 engine's threads claim chunks with (the kernel's atomic_long_* on a shared counter).
 """
 from __future__ import annotations
@@ -93,6 +93,19 @@ def atomic_load(typingctx, arr, idx):
 
 
 @intrinsic
+def atomic_store(typingctx, arr, idx, value):
+    """``arr[idx] = value`` with release ordering (publishes every store made before it)."""
+    sig = types.void(arr, idx, value)
+
+    def codegen(context, builder, signature, args):
+        ptr = _slot(context, builder, signature.args[0], args[0], args[1])
+        builder.store_atomic(args[2], ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def atomic_cas(typingctx, arr, idx, expected, new):
     """Compare-and-swap ``arr[idx]`` (sequentially consistent): store ``new`` if it
     holds ``expected``; returns what it held (== expected on success)."""
@@ -160,3 +173,22 @@ def copy_spans(mem, src_off, dst_off, nbytes, take, nt):
         copy(mem, d, s, length, nt)
         i = j
     return 0
+
+
+@intrinsic
+def voidptr(typingctx, addr):
+    """The address ``addr`` as a pointer (for ``numba.carray``)."""
+    sig = types.voidptr(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return sig, codegen
+
+
+#: libc's syscall(2), bound by name when the compiled code is loaded (so it caches). Used
+#: for futex(2) from compiled code: a waiting thread then needs no GIL. It returns -1 and
+#: sets errno on failure; callers here only re-check their state after it returns.
+syscall5 = types.ExternalFunction(
+    "syscall", types.int64(types.int64, types.int64, types.int64, types.int64, types.int64,
+                           types.int64))

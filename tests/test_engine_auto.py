@@ -60,8 +60,33 @@ def test_picks_the_least_predicted_time(m, monkeypatch):
 
 
 def test_fewer_idle_cpus_than_measured_slow_a_candidate_down(m, monkeypatch):
-    """mt:2 measured with 2 free CPUs is predicted half as fast when one is free: it loses
-    to serial unless it is more than twice as fast."""
+    """opencl (two CPU threads here) measured with 2 free CPUs is predicted half as fast
+    when one is free: it loses to serial unless it is more than twice as fast."""
+    e = m.engine
+    e._ensure()
+    if "opencl" not in e.engines or e.engines["opencl"].capabilities.threads < 2:
+        pytest.skip("needs an OpenCL device with two threads")
+    big = max(64 << 20, e.engines["opencl"].capabilities.min_bytes)
+    models = {spec: (1.0, 1e6) for spec in e.engines}
+    models["serial"] = (1e-6, 1e9, 1)
+    models["opencl"] = (1e-6, 1.5e9, 2)
+    _models(e, models)
+    for idle, expected in ((2, "opencl"), (1, "serial")):
+        monkeypatch.setattr(e, "idle", lambda idle=idle: idle)
+        e._calls = 1
+        assert e.choose(big) == expected
+        assert e.last_idle == idle
+    assert e.last_predicted["opencl"] == pytest.approx(2 * e.models["opencl"].predict(big))
+    e.models["opencl"].bandwidth = 3e9          # twice as fast even on one CPU: still worth it
+    e._calls = 1
+    assert e.choose(big) == "opencl"
+    e.models["opencl"].bandwidth, e.models["opencl"].cpus = 1.5e9, 1   # measured on one CPU
+    e._calls = 1
+    assert e.choose(big) == "opencl"            # ... is not slowed down further
+
+
+def test_mt_is_not_slowed_down_by_busy_cpus(m, monkeypatch):
+    """mt's threads claim work: with one CPU free, mt:2 keeps its measured prediction."""
     e = m.engine
     e._ensure()
     if "mt:2" not in e.engines:
@@ -70,18 +95,10 @@ def test_fewer_idle_cpus_than_measured_slow_a_candidate_down(m, monkeypatch):
     models["serial"] = (1e-6, 1e9, 1)
     models["mt:2"] = (1e-6, 1.5e9, 2)
     _models(e, models)
-    for idle, expected in ((2, "mt:2"), (1, "serial")):
-        monkeypatch.setattr(e, "idle", lambda idle=idle: idle)
-        e._calls = 1
-        assert e.choose(64 << 20) == expected
-        assert e.last_idle == idle
-    assert e.last_predicted["mt:2"] == pytest.approx(2 * e.models["mt:2"].predict(64 << 20))
-    e.models["mt:2"].bandwidth = 3e9          # twice as fast even on one CPU: still worth it
+    monkeypatch.setattr(e, "idle", lambda: 1)
     e._calls = 1
     assert e.choose(64 << 20) == "mt:2"
-    e.models["mt:2"].bandwidth, e.models["mt:2"].cpus = 1.5e9, 1   # measured on one CPU
-    e._calls = 1
-    assert e.choose(64 << 20) == "mt:2"       # ... is not slowed down further
+    assert e.last_predicted["mt:2"] == pytest.approx(e.models["mt:2"].predict(64 << 20))
 
 
 def test_respects_an_engines_minimum_size(m, monkeypatch):

@@ -465,3 +465,30 @@ def test_idle_workers_leave_and_come_back(monkeypatch):
     while pool.running() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert pool.running() == 0 and e.describe()["workers_running"] == 0
+
+
+@needs2
+def test_a_forked_child_gets_its_own_workers():
+    """Threads do not survive fork: the child's engine starts new workers and copies right
+    (Numba's GNU OpenMP layer could not run parallel code in a child at all)."""
+    e = MtEngine(2)
+    assert not e.copy(big_job(1)).any()          # the parent's workers are running
+    pid = os.fork()
+    if pid == 0:                                  # pragma: no cover - the child
+        ok = False
+        try:
+            job = big_job(8)
+            ok = not e.copy(job).any() and bool((dst_of(job) == 8).all()) and e._pool.pid == os.getpid()
+        finally:
+            os._exit(0 if ok else 1)
+    import time
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    job = big_job(3)
+    assert not e.copy(job).any() and (dst_of(job) == 3).all()

@@ -278,8 +278,29 @@ def test_engine_choice_event_says_why():
         info = choices[-1]
         assert info["engine"] == machine.engine.last_choice
         assert info["engine"] in info["predicted_us"] and "serial" in info["predicted_us"]
-        assert info["reason"] in ("least predicted time", "exploring", "only serial fits")
+        assert info["reason"] in ("least predicted time", "exploring", "only serial fits",
+                                  "more threads, predicted within 15% of the least")
         assert 1 <= info["idle_cpus"] <= info["cpus"] == machine.engine.cpus
         assert info["nbytes"] == 1 << 20
+        least = min(info["predicted_us"].values())
         if info["reason"] == "least predicted time":
-            assert info["predicted_us"][info["engine"]] == min(info["predicted_us"].values())
+            assert info["predicted_us"][info["engine"]] == least
+        elif info["reason"].startswith("more threads"):
+            assert least < info["predicted_us"][info["engine"]] <= 1.15 * least + 0.01
+
+
+def test_a_near_tie_goes_to_more_threads(m, monkeypatch):
+    e = m.engine
+    e._ensure()
+    if "mt:2" not in e.engines:
+        pytest.skip("needs two CPUs for mt:2")
+    models = {spec: (1.0, 1e6) for spec in e.engines}
+    models["mt:1"] = (1e-6, 1e9, 1)
+    models["mt:2"] = (1e-6, 1e9 / 1.1, 2)       # predicted 10% slower: a tie
+    _models(e, models)
+    monkeypatch.setattr(e, "idle", lambda: 2)
+    e._calls = 1
+    assert e.choose(64 << 20) == "mt:2" and e.last_reason.startswith("more threads")
+    e.models["mt:2"].bandwidth = 1e9 / 1.3      # 30% slower: not a tie
+    e._calls = 1
+    assert e.choose(64 << 20) == "mt:1" and e.last_reason == "least predicted time"

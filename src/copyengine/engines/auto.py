@@ -26,7 +26,9 @@ restricted to one CPU does not change what a later Machine sees.
 **Why it chose**: when a ``copyengine_migration_event`` observer is registered, every
 batch first sends an ``"engine_choice"`` event: ``{"engine", "nbytes", "reason",
 "idle_cpus", "cpus", "predicted_us": {candidate: microseconds}}`` (``reason``: ``"least
-predicted time"``, ``"exploring"``, or ``"only serial fits"``).
+predicted time"``, ``"more threads, predicted within 15% of the least"`` (calibration on a
+hot buffer flatters one thread; see :meth:`AutoEngine.choose`), ``"exploring"``, or
+``"only serial fits"``).
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ _CALIBRATION_SIZES = (4096, 64 << 10, 1 << 20, 8 << 20)
 _WINDOW = 5  # batches per size class whose median corrects the model
 _OUTLIER = 4.0  # a batch this much slower than predicted is noise until it repeats
 _EXPLORE_EVERY = 32  # one batch in this many re-measures the least recently tried candidate
-_EXPLORE_WITHIN = 4.0  # ... among those predicted at most this much slower than the best
+_EXPLORE_WITHIN = 4.0
+_MARGIN = 0.15  # predictions this close are a tie: the candidate with more threads wins  # ... among those predicted at most this much slower than the best
 
 
 def available_cpus() -> int:
@@ -139,7 +142,7 @@ class _Model:
         self.outlier[c] = False
         w = self.window.setdefault(c, collections.deque(maxlen=_WINDOW))
         w.append(r)
-        self.ratio[c] = float(np.median(w)) if len(w) >= 3 else min(w)
+        self.ratio[c] = sorted(w)[len(w) // 2] if len(w) >= 3 else min(w)
 
 
 def _size_class(nbytes):
@@ -263,8 +266,14 @@ class AutoEngine(Engine):
             self.last_reason = "only serial fits"
             return "serial"
         self._calls += 1
-        best = min(pred, key=pred.get)
-        self.last_reason = "least predicted time"
+        least = best = min(pred, key=pred.get)
+        # Among those within _MARGIN of the best, the most threads: calibration copies a
+        # hot buffer, which flatters one thread, and mt's extra threads claim work only
+        # when they run, so they rarely cost (bench: mt:2 >= 0.9x mt:1 on every row).
+        best = max((s for s in pred if pred[s] <= (1 + _MARGIN) * pred[best]),
+                   key=lambda s: (self.engines[s].capabilities.threads, -pred[s]))
+        self.last_reason = ("least predicted time" if best == least else
+                            "more threads, predicted within 15% of the least")
         if self._calls % _EXPLORE_EVERY == 0:
             # A model measured on a busy machine could hide an engine for good: re-measure
             # the least recently tried of those not far from the best.

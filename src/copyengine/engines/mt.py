@@ -64,8 +64,10 @@ CHUNKS_PER_THREAD = 16   # chunks per thread (more: a late thread still finds wo
 MIN_CHUNK = 16 << 10     # below this a claim's cost would show
 #: largest chunk of whole folios (a 2 MiB folio is one chunk whatever this says)
 MAX_CHUNK = 8 << 20
-#: a batch smaller than this is copied by the caller alone (waking a thread costs more)
-SOLO_BYTES = 2 * MIN_CHUNK
+#: a batch smaller than this is copied by the caller alone: waking a thread (futex wake,
+#: the other vCPU leaving idle: 15-20 us here) costs more than it saves (hot 64 KiB:
+#: 6.6 us alone, 21 us with 2 threads; 1 MiB: 28 vs 40 us)
+SOLO_BYTES = 1 << 20
 IDLE_EXIT = 5.0          # seconds a worker sleeps without a batch before it exits
 WAIT_LIMIT = 30.0        # seconds a caller waits for chunks claimed by running workers
 SPINS = 1 << 16          # polls of the done counter before the caller sleeps on it

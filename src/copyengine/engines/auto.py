@@ -160,6 +160,8 @@ def _calibrate(engine, cpus=1) -> _Model:
         for size in _CALIBRATION_SIZES:
             job = CopyJob(mem, np.array([0], np.int64), np.array([biggest], np.int64),
                           np.array([size], np.int64), np.array([0], np.int64), np.zeros(1, bool))
+            for a in (job.src_off, job.dst_off, job.nbytes, job.folio, job.src_poisoned):
+                a.flags.writeable = False   # as migration's jobs: the compiled code loaded is theirs
             run_engine(engine, job, 10.0)  # warm (threads started, device buffers made)
             times = []
             for _ in range(3):

@@ -296,3 +296,20 @@ def test_batch_copy_wrapper_sees_every_batch():
         r = p.move_pages(0, [a + i * 4096 for i in range(4)], [1] * 4)
         assert r.status == [1] * 4
     assert seen and seen[0][0] == "mt" and sum(s[1] for s in seen) == 4
+
+
+@pytest.mark.parametrize("bad", ["has space", "nl\n", "nul\x00", "pi|pe", "", "tab\t", "co,mma"])
+def test_engine_names_docs_forbid_are_refused(bad):
+    """A plugin registering a name with whitespace, control characters, NUL or '|' is
+    listed as failed (issue 14), and the engine is not in the registry."""
+    class Plugin:
+        @ce.hookimpl
+        def copyengine_register_engines(self, register):
+            register(bad, lambda arg, m: None)
+
+    plugin = Plugin()
+    pm = make_plugin_manager(entry_points=False, plugins=[plugin])
+    assert not pm.is_registered(plugin)
+    fails = [f for f in pm.copyengine_info.failures if "bad engine name" in f.error]
+    assert len(fails) == 1, pm.copyengine_info.failures
+    assert bad not in engine_registry(pm)

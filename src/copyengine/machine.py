@@ -8,7 +8,8 @@ from collections import Counter
 
 import numpy as np
 
-from .errors import EngineUnavailable, oserror
+from .errors import EngineUnavailable, PluginError, oserror
+from .hookcheck import check_frames, hook_plugins, reclaimable_frames
 from .migrate.quarantine import release_quarantine
 from .mm.buddy import BuddyAllocator
 from .mm.folio_ops import free_folios
@@ -27,7 +28,8 @@ DEFAULT_ENGINE = "auto"
 VMSTAT_COUNTERS = (
     "pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migration_fail",
     "thp_migration_split", "pgfault", "pgalloc", "pgfree", "cow_fault", "thp_split_page",
-    "nr_hwpoison", "copy_engine_errors", "copy_quarantined_pages", "nr_quarantined_pages",
+    "nr_hwpoison", "copy_engine_errors", "copy_fallback_folios", "copy_quarantined_pages",
+    "nr_quarantined_pages",
 )
 
 
@@ -132,10 +134,21 @@ class Machine:
         """Free base pages on ``node`` (or the whole machine)."""
         return self.buddy.free_pages(node)
 
+    def _alloc_hook(self, node: int, order: int, count: int) -> np.ndarray:
+        """Call copyengine_alloc_frames and check what it returned (hookcheck.check_frames)
+        before anything indexes with it. A refused result raises PluginError naming the
+        plugin, after the blocks the plugin did take from the allocator are given back."""
+        hook = self.pm.hook.copyengine_alloc_frames
+        frames = hook(machine=self, node=node, order=order, count=count)
+        try:
+            return check_frames(self, frames, node, order, count, hook_plugins(hook))
+        except PluginError:
+            self.buddy.free(reclaimable_frames(self, frames, node, order), order)
+            raise
+
     def alloc_folios(self, node: int, order: int, count: int) -> np.ndarray:
         """Allocate ``count`` folios through the allocation hook; ENOMEM (nothing kept) if short."""
-        heads = self.pm.hook.copyengine_alloc_frames(machine=self, node=node, order=order, count=count)
-        heads = np.asarray(heads if heads is not None else [], dtype=np.int64)
+        heads = self._alloc_hook(node, order, count)
         if len(heads) < count:
             self.buddy.free(heads, order)
             raise oserror(errno.ENOMEM, f"node {node} cannot supply {count} folio(s) of "
@@ -151,8 +164,7 @@ class Machine:
         if direct:
             heads = self.buddy.alloc(node, order, count)
         else:
-            heads = self.pm.hook.copyengine_alloc_frames(machine=self, node=node, order=order, count=count)
-            heads = np.ascontiguousarray(heads if heads is not None else [], dtype=np.int64)[:count]
+            heads = self._alloc_hook(node, order, count)
         if len(heads):
             self.mem_map.prep_new_folios(heads, order)
             self._vmstat["pgalloc"] += len(heads) << order

@@ -101,8 +101,8 @@ def _collect(impl, register):
 
 
 def _checked_register(name, factory, description="", *, _into):
-    if not isinstance(name, str) or not name or ":" in name or "," in name or name != name.strip():
-        raise ValueError(f"bad engine name {name!r}: a non-empty string without ':', ',' or spaces")
+    from .hookcheck import check_engine_name  # late: hookcheck imports the engines package
+    check_engine_name(name)
     if not callable(factory):
         raise TypeError(f"engine {name!r}: factory {factory!r} is not callable")
     _into.append((name, factory, str(description)))

@@ -420,3 +420,29 @@ def test_a_munmap_that_splits_the_vma_during_the_copy_strands_nothing():
         check_machine(m)
         p.munmap(a, 3 * PS)
         check_machine(m)
+
+
+class SyncOverLate(Engine):
+    """A synchronous engine (like auto over opencl) that runs a late-writing asynchronous
+    one with run_engine: its CopyStillRunning reaches the state machine through copy()."""
+
+    def __init__(self):
+        self.inner = LateWriter()
+
+    def copy(self, job):
+        from copyengine.engines.base import run_engine
+        return run_engine(self.inner, job, 0.05)
+
+
+def test_a_synchronous_engine_over_a_late_writer_quarantines_on_the_cheap_path_too():
+    eng = SyncOverLate()
+    with machine(sol=lambda: eng) as m:
+        m.set_engine("sol")
+        p, a, data, addrs = loaded(m, pages=4)
+        r = p.move_pages(0, addrs, [1] * 4)
+        assert all(s in (1, -errno.EBUSY) for s in r.status)
+        assert m.vmstat["copy_quarantined_pages"] >= 4
+        assert eng.inner.wrote.wait(5)
+        time.sleep(0.4)  # every worker thread of the retries has written by now
+        assert p.read(a, len(data)) == data
+        check_machine(m)

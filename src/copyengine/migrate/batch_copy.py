@@ -140,6 +140,7 @@ def migrate_folios_batch_copy(b, sel, engine, dispatch=None) -> None:
     b.rc[sel] = np.where(stray, -errno.EAGAIN, res)
     b.copied[sel] = res == 0
     if len(redo):
+        m.count("copy_fallback_folios", len(redo))
         mm = m.mem_map
         kernels.folio_copy(redo, b.src, b.dst, b.nr, mm.flags, m.mem, m.page_size,
                            nbytes >= NT_BYTES, b.rc, b.copied)

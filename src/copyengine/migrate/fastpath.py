@@ -34,8 +34,8 @@ from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT
 from ..uapi import MR_SYSCALL
 from . import kernels
-from .batch_copy import _engine_copy, _zero_page_intact
 from .accounting import count_migrate, migrate_stats
+from .batch_copy import migrate_folios_batch_copy
 from .core import MigrationBatch, migrate_folios_finalize, putback_movable_folios
 from .core import migrate_pages as migrate_folios
 from .dispatch import Dispatch
@@ -307,18 +307,23 @@ def migrate_folios_fast(m, vma, heads, pfns, dst, order, node, engine) -> np.nda
             out[lo:hi] = rc
     finally:
         m.put_engine(engine)
-    stats = migrate_stats(m, out[:handed], order, m.settings["migrate_mode"], MR_SYSCALL)
+    # -EAGAIN: an engine that could not stop had the folio undone (its destination is
+    # quarantined); like the rest of what is handed on, the full path retries it
+    again = np.flatnonzero(out[:handed] == -errno.EAGAIN) if exc is None else np.empty(0, np.int64)
+    mine = np.ones(handed, bool)
+    mine[again] = False
+    stats = migrate_stats(m, out[:handed][mine], order, m.settings["migrate_mode"], MR_SYSCALL)
     count_migrate(m, stats)
-    if stats["succeeded"] != handed << order:
-        putback_movable_folios(m, heads[:handed][out[:handed] != 0])
+    if stats["succeeded"] != int(mine.sum()) << order:
+        putback_movable_folios(m, heads[:handed][mine & (out[:handed] != 0)])
     if m.recorder is not None:
         m.recorder.call(start, time.perf_counter(), m.recorder.first_remap_since(start), **stats)
     if exc is not None:
         raise exc
-    if handed < len(heads):
-        m.free_folios(dst[unused:], undo=True)
-        rest = heads[handed:]
-        out[handed:] = migrate_folios(m, rest, node).status_of(rest, pfns[handed:])
+    m.free_folios(dst[unused:], undo=True)
+    rest = np.concatenate((again, np.arange(handed, len(heads))))
+    if len(rest):
+        out[rest] = migrate_folios(m, heads[rest], node).status_of(heads[rest], pfns[rest])
     return out
 
 
@@ -353,7 +358,7 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
                     kernels.folio_copy(sel, b.src, b.dst, b.nr, mm.flags, m.mem, m.page_size, nt, b.rc,
                                        b.copied)
                 else:
-                    _copy_with_engine(b, sel, engine, Dispatch(m, engine), nt)
+                    migrate_folios_batch_copy(b, sel, engine, Dispatch(m, engine))
             finally:
                 m.lock.acquire()
     except BaseException:
@@ -376,23 +381,3 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
     if m.recorder is not None:
         m.recorder.batch(t0, t0, t1, t1, t2, t3, n, npages, engine.name)
     return b.rc
-
-
-def _copy_with_engine(b, sel, engine, d, nt):
-    """The batch copy of migrate_folios_batch_copy for a synchronous engine reached
-    without pluggy: the engine's job, its checked result, the CPU for the rest."""
-    m = b.m
-    caps = engine.capabilities
-    res = np.full(len(sel), -errno.EOPNOTSUPP, np.int32)
-    if int(b.nr.sum()) * m.page_size >= caps.min_bytes:
-        step = caps.max_batch if caps.max_batch > 0 else len(sel)
-        for lo in range(0, len(sel), step):
-            res[lo:lo + step] = _engine_copy(b, sel[lo:lo + step], engine, d)
-        if not _zero_page_intact(b, engine, d):
-            res[res == 0] = -errno.EIO
-    b.rc[:] = res
-    b.copied[:] = res == 0
-    redo = np.flatnonzero(res != 0)
-    if len(redo):
-        mm = m.mem_map
-        kernels.folio_copy(redo, b.src, b.dst, b.nr, mm.flags, m.mem, m.page_size, nt, b.rc, b.copied)

@@ -4,7 +4,8 @@ For every batch it predicts the copy time of each candidate engine -- ``serial``
 for N = 1, 2, 4 ... up to the CPUs this process may use, and ``opencl`` where an OpenCL
 device is present and the batch is above its minimum -- as ``overhead + bytes /
 bandwidth``, and runs the fastest. The two numbers per engine are measured on a scratch
-buffer the first time the engine copies (a few tens of milliseconds), then corrected from
+buffer the first time the engine copies (about 10 ms each; a candidate with a minimum
+batch size when the first batch it would take arrives), then corrected from
 every batch it actually runs (the median ratio of measured to predicted time over the
 last few batches, per engine and batch-size class), so the model follows the machine it
 runs on rather than numbers written here.
@@ -47,7 +48,7 @@ from ..hookspecs import hookimpl
 from .base import Capabilities, CopyJob, Engine, run_engine
 from .mt import MtEngine
 
-_CALIBRATION_SIZES = (4096, 64 << 10, 1 << 20, 8 << 20)
+_CALIBRATION_SIZES = (4096, 1 << 20, 8 << 20)
 _WINDOW = 5  # batches per size class whose median corrects the model
 _OUTLIER = 4.0  # a batch this much slower than predicted is noise until it repeats
 _EXPLORE_EVERY = 32  # one batch in this many re-measures the least recently tried candidate
@@ -150,7 +151,9 @@ def _size_class(nbytes):
 
 
 def _calibrate(engine, cpus=1) -> _Model:
-    """Median times of copies of a few sizes on a scratch buffer, fitted by least squares."""
+    """The least of two timed copies (after one untimed) of three sizes on a scratch buffer,
+    fitted by least squares. Kept short (~10 ms an engine): every Machine calibrates, and
+    under GIL contention each step can cost a switch interval."""
     biggest = max(_CALIBRATION_SIZES)
     buf = mmap.mmap(-1, 2 * biggest)  # page aligned, like physical memory (device engines need it)
     try:
@@ -164,12 +167,12 @@ def _calibrate(engine, cpus=1) -> _Model:
                 a.flags.writeable = False   # as migration's jobs: the compiled code loaded is theirs
             run_engine(engine, job, 10.0)  # warm (threads started, device buffers made)
             times = []
-            for _ in range(3):
+            for _ in range(2):
                 t0 = time.perf_counter()
                 run_engine(engine, job, 10.0)
                 times.append(time.perf_counter() - t0)
             xs.append(size)
-            ys.append(sorted(times)[1])
+            ys.append(min(times))
         del mem, job
     finally:
         with contextlib.suppress(BufferError):
@@ -221,21 +224,27 @@ class AutoEngine(Engine):
                     made[spec] = create_engine(spec, self.machine, registry)
                 except (ValueError, EngineUnavailable) as e:
                     self.unavailable[spec] = str(e)
-            probe = IdleCpus(self.cpus, period=0.0)
-            probe()
-            engines = {}
-            for spec, engine in made.items():
-                try:
-                    self.models[spec] = _calibrate(engine, engine.capabilities.threads)
-                    engines[spec] = engine
-                except Exception as e:  # an engine that cannot copy here is no candidate
-                    self.unavailable[spec] = f"calibration failed: {type(e).__name__}: {e}"
-                    engine.close()
-            free = probe()           # the CPUs that were free while the candidates were measured
-            for spec, model in self.models.items():
-                model.cpus = max(1, min(model.cpus, free))
-            self.engines = engines
-            return engines
+            self.engines = made
+            for spec in [s for s, e in made.items() if not e.capabilities.min_bytes]:
+                self._measure(spec)
+            return self.engines
+
+    def _measure(self, spec):
+        """Calibrate one candidate (an engine with a minimum batch size waits for the first
+        batch it would take); one that cannot copy here is dropped, with the reason."""
+        engine = self.engines[spec]
+        probe = IdleCpus(self.cpus, period=0.0)
+        probe()
+        try:
+            model = _calibrate(engine, engine.capabilities.threads)
+        except Exception as e:  # an engine that cannot copy here is no candidate
+            self.unavailable[spec] = f"calibration failed: {type(e).__name__}: {e}"
+            del self.engines[spec]
+            engine.close()
+            return
+        free = probe()           # the CPUs that were free while it was measured
+        model.cpus = max(1, min(model.cpus, free))
+        self.models[spec] = model
 
     def _factor(self, spec, idle):
         """How much slower ``spec`` is now than when measured: its threads get ``idle``
@@ -252,9 +261,15 @@ class AutoEngine(Engine):
     def predictions(self, nbytes: int, idle: int) -> dict:
         """Predicted seconds per candidate that accepts a batch of ``nbytes``."""
         out = {}
-        for spec, e in self.engines.items():
+        for spec, e in list(self.engines.items()):
             if e.capabilities.min_bytes and nbytes < e.capabilities.min_bytes:
                 continue
+            if spec not in self.models:
+                with self._lock:
+                    if spec not in self.models and spec in self.engines:
+                        self._measure(spec)
+                if spec not in self.models:
+                    continue
             out[spec] = self.models[spec].predict(nbytes) * self._factor(spec, idle)
         return out
 

@@ -45,7 +45,9 @@ def _int_array(values, what):
     if isinstance(values, np.ndarray):
         if values.dtype.kind not in "iu":
             raise TypeError(f"{what} must hold ints, not {values.dtype}")
-        return values.astype(np.int64).ravel()
+        if values.ndim != 1:  # like a list of lists: not a sequence of ints (issue 14)
+            raise TypeError(f"{what} must be a 1-D array, not one of shape {values.shape}")
+        return values.astype(np.int64)
     lst = list(values)
     for v in lst:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):

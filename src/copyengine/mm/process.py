@@ -218,12 +218,16 @@ class Process:
             if start + length > ADDRESS_LIMIT:
                 raise oserror(errno.ENOMEM, "address space exhausted")
             npages = length >> m.page_shift
+            try:  # the page table of a mapping larger than this host can hold (issue 14)
+                ptes = np.zeros(npages, np.uint64)
+            except MemoryError:
+                raise oserror(errno.ENOMEM, f"no host memory for the page table of {length} bytes") from None
             if shared:
                 obj, pgoff = Shmem(npages), 0
             else:
                 obj, pgoff = AnonVma(), start >> m.page_shift
             m.objects[obj.id] = obj
-            vma = Vma(self, start, start + length, node, order, obj, pgoff, np.zeros(npages, np.uint64))
+            vma = Vma(self, start, start + length, node, order, obj, pgoff, ptes)
             self._insert_vma(vma)
             self._next_addr = start + length + m.page_size  # a guard gap between mappings
             if populate:

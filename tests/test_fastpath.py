@@ -46,7 +46,8 @@ def fast_calls(monkeypatch):
 def run(sc, full):
     pm = make_plugin_manager(entry_points=False, plugins=[Watcher()] if full else [])
     size = "8MiB" if sc["tight"] else "32MiB"
-    with ce.Machine(nodes=2, node_size=size, plugin_manager=pm) as m:
+    with ce.Machine(nodes=2, node_size=size, page_size=sc.get("page", "4KiB"), plugin_manager=pm) as m:
+        PS = m.page_size  # noqa: N806 - the module's PS, for this machine
         m.set_engine(sc["engine"])
         m.settings["nr_max_batched_migration"] = sc["batch"]
         p = m.spawn()
@@ -95,6 +96,7 @@ def run(sc, full):
 
 
 calls = st.fixed_dictionaries({
+    "page": st.sampled_from(["4KiB", "64KiB"]),
     "engine": st.sampled_from(["serial", "vanilla", "mt:1", "mt:2"]),
     "batch": st.sampled_from([1, 4, 512]),
     "pages": st.integers(1, 24),

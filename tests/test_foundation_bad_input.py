@@ -314,3 +314,36 @@ def test_snapshot_notices_changes(world):
         before = w.snap()
         change()
         assert w.snap() != before
+
+
+# ----------------------------------------------------------------------------- issue 14
+def test_mmap_beyond_host_memory_is_enomem_and_changes_nothing():
+    with ce.Machine(nodes=2, node_size="4MiB") as m:
+        p = m.spawn()
+        a = p.mmap(PS)
+        p.write(a, b"keep")
+        before = snapshot(m, [p])
+        with pytest.raises(OSError) as ei:
+            p.mmap(1 << 45, populate=False)
+        assert ei.value.errno == errno.ENOMEM
+        assert_unchanged(before, snapshot(m, [p]))
+        assert p.read(a, 4) == b"keep"
+
+
+@pytest.mark.parametrize("which", ["pages", "nodes"])
+def test_move_pages_refuses_2d_arrays(which):
+    with ce.Machine(nodes=2, node_size="4MiB") as m:
+        p = m.spawn()
+        a = p.mmap(2 * PS)
+        p.write(a, b"x" * (2 * PS))
+        pages = np.array([a, a + PS], np.int64)
+        nodes = np.array([1, 1], np.int64)
+        if which == "pages":
+            pages = pages.reshape(2, 1)
+        else:
+            nodes = nodes.reshape(1, 2)
+        before = snapshot(m, [p])
+        with pytest.raises(TypeError, match="1-D"):
+            p.move_pages(0, pages, nodes)
+        assert_unchanged(before, snapshot(m, [p]))
+        assert p.node_of(a) == 0

@@ -262,3 +262,64 @@ def test_spawn_validation(machine):
         with pytest.raises(exc):
             m.spawn(**kwargs)
         assert len(m.processes) == n
+
+
+# ----------------------------------------------------------------------------- host limits (issue 14)
+def _mem_available():
+    from copyengine.machine import _meminfo
+    return _meminfo().get("MemAvailable")
+
+
+def test_machine_larger_than_the_host_can_describe_is_refused_up_front():
+    from copyengine.machine import METADATA_BYTES_PER_FRAME
+    avail = _mem_available()
+    if avail is None:
+        pytest.skip("no /proc/meminfo")
+    # Frames whose metadata exceeds what the host has available.
+    frames = 2 * avail // METADATA_BYTES_PER_FRAME   # twice: other processes come and go
+    node_size = -(-frames * 4096 // (2 * MiB)) * (2 * MiB)
+    gc.collect()
+    before = vmrss()
+    quarter = -(-node_size // 4 // (2 * MiB)) * (2 * MiB)
+    cases = [dict(nodes=1, node_size=node_size), dict(nodes=4, node_size=quarter)]
+    if 2 * (4 << 40) // 4096 * METADATA_BYTES_PER_FRAME > avail:
+        cases.append(dict(nodes=2, node_size="4TiB"))
+    for kwargs in cases:
+        with pytest.raises(ValueError, match="MemAvailable") as ei:
+            ce.Machine(**kwargs)
+        assert "bytes available" in str(ei.value) and "66 per frame" in str(ei.value)
+    assert vmrss() - before < 64 * MiB   # refused before anything was allocated
+
+
+def test_rlimit_as_is_honoured():
+    import subprocess
+    import sys
+    code = ("import resource, copyengine as ce\n"
+            "used = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.RLIM_INFINITY))\n"
+            "ce.Machine(nodes=1, node_size='64MiB').close()\n"
+            "try:\n    ce.Machine(nodes=2, node_size='1GiB')\n"
+            "except ValueError as e:\n    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "refused:" in r.stdout and "RLIMIT_AS" in r.stdout, r.stdout
+
+
+def test_closed_machine_errors_are_of_the_contracts_kind():
+    import errno
+    m = ce.Machine(nodes=2, node_size="4MiB")
+    p = m.spawn()
+    a = p.mmap(4096)
+    m.close()
+    syscalls = (lambda: p.read(a, 1), lambda: p.write(a, b"x"), lambda: p.mmap(4096),
+                lambda: p.munmap(a, 4096), lambda: p.move_pages(0, [a], [1]),
+                lambda: p.migrate_pages(0, [0], [1]), lambda: p.pin(a, 1), lambda: p.node_of(a),
+                lambda: p.pfn_of(a))
+    for call in syscalls:
+        with pytest.raises(OSError) as ei:
+            call()
+        assert ei.value.errno == errno.ENXIO and "closed" in str(ei.value)
+        assert isinstance(ei.value, ce.MachineClosedError)
+    for call in (lambda: m.spawn(), lambda: m.set_engine("serial"), lambda: m.hwpoison(5), lambda: p.fork()):
+        with pytest.raises(ValueError, match="closed"):
+            call()

@@ -9,12 +9,12 @@
 ...     (r.ret, r.status, p.read(a, 5))
 (0, [1], b'hello')
 """
-from .errors import EHWPOISON, EngineUnavailable, PluginError
+from .errors import EHWPOISON, EngineUnavailable, MachineClosedError, PluginError
 from .hookspecs import hookimpl, hookspec
 from .machine import Machine
 from .mm.process import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL, MPOL_MF_STRICT, Pin, Process
 
 __version__ = "0.1.0"
 
-__all__ = ["EHWPOISON", "EngineUnavailable", "PluginError", "Machine", "Process", "Pin", "MPOL_MF_STRICT",
+__all__ = ["EHWPOISON", "EngineUnavailable", "PluginError", "MachineClosedError", "Machine", "Process", "Pin", "MPOL_MF_STRICT",
            "MPOL_MF_MOVE", "MPOL_MF_MOVE_ALL", "hookimpl", "hookspec", "__version__"]

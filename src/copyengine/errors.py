@@ -22,3 +22,16 @@ def oserror(code: int, detail: str = "") -> OSError:
 
 class PluginError(RuntimeError):
     """A plugin broke the hook contract (wrong result, bad frames, ...); names the plugin."""
+
+
+class MachineClosedError(OSError, ValueError):
+    """A call on a :class:`copyengine.Machine` (or one of its processes) after ``close()``.
+
+    Both kinds the contract uses, like :class:`io.UnsupportedOperation`: system-call shaped
+    calls (read, write, mmap, move_pages, ...) raise OSError, here with ``errno`` ENXIO
+    ("no such device or address": the memory behind the address is gone); the others
+    (spawn, set_engine, hwpoison) raise ValueError. One class is both, so either
+    ``except`` catches it."""
+
+    def __init__(self, detail="the machine is closed"):
+        super().__init__(_errno.ENXIO, f"{os.strerror(_errno.ENXIO)}: {detail}")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import errno
 import numbers
+import resource
 import threading
 from collections import Counter
 
 import numpy as np
 
-from .errors import EngineUnavailable, PluginError, oserror
+from .errors import EngineUnavailable, MachineClosedError, PluginError, oserror
 from .hookcheck import check_frames, hook_plugins, reclaimable_frames
 from .migrate.quarantine import release_quarantine
 from .mm.buddy import BuddyAllocator
@@ -33,6 +34,62 @@ VMSTAT_COUNTERS = (
 )
 
 
+#: Host bytes of metadata per frame: mem_map (flags, refcount, pincount, mapcount: 4 each;
+#: order: 1; head, owner, index, private: 8 each) and the buddy lists (next, prev: 8 each;
+#: free_order: 1). See check_host_fits.
+METADATA_BYTES_PER_FRAME = 4 * 4 + 1 + 4 * 8 + 2 * 8 + 1
+
+
+def _meminfo() -> dict:
+    """/proc/meminfo in bytes ({} where there is none)."""
+    out = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                fields = rest.split()
+                if fields and fields[0].isdigit():
+                    out[key] = int(fields[0]) * (1024 if fields[1:2] == ["kB"] else 1)
+    except OSError:
+        pass
+    return out
+
+
+def _address_space_used() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def check_host_fits(nbytes: int, nframes: int) -> None:
+    """Refuse (ValueError, naming the limit) a machine this host cannot hold.
+
+    The rule: the frames' buffer is MAP_NORESERVE, so its size is bounded only by the
+    address space: ``nbytes`` plus the metadata must fit under RLIMIT_AS less what the
+    process already maps. The metadata arrays (``METADATA_BYTES_PER_FRAME`` per frame)
+    are written as the machine is built (the buddy lists) and used - so touched - as it
+    runs, and cannot be given back: they must fit in MemAvailable. Untouched frames cost
+    nothing, so a machine larger than the host's RAM is fine; the frames a user writes
+    are the user's to size, like overcommitted memory in Linux."""
+    meta = nframes * METADATA_BYTES_PER_FRAME
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        room = soft - _address_space_used()
+        if nbytes + meta > room:
+            raise ValueError(f"a machine of {nbytes} bytes needs {nbytes + meta} bytes of address "
+                             f"space (frames + metadata); RLIMIT_AS leaves {max(room, 0)}")
+    avail = _meminfo().get("MemAvailable")
+    if avail is not None and meta > avail:
+        raise ValueError(f"a machine of {nframes} frames needs {meta} bytes of metadata "
+                         f"({METADATA_BYTES_PER_FRAME} per frame) but the host has {avail} bytes "
+                         f"available (MemAvailable); use fewer nodes, a smaller node_size or 64KiB pages")
+
+
 class Machine:
     """A NUMA machine: ``nodes`` nodes of ``node_size`` bytes, base pages of ``page_size``.
 
@@ -41,6 +98,13 @@ class Machine:
     :class:`~copyengine.mm.memmap.MemMap` arrays; each node has a buddy allocator serving
     folios of order 0 up to 2 MiB. One lock (``lock``, with ``cond`` for migration-entry
     waiters) serializes page-table and mem_map updates, like mmap_lock plus the PTL.
+
+    Sizes this host cannot hold are refused up front with a ValueError naming the limit
+    (:func:`check_host_fits`: frames plus metadata within RLIMIT_AS, the metadata - 66
+    bytes per frame - within MemAvailable; untouched frames cost nothing).
+    After :meth:`close`, every call on the machine or its processes raises
+    :class:`copyengine.errors.MachineClosedError`, which is both an ``OSError`` (errno
+    ENXIO: what system-call shaped calls raise) and a ``ValueError`` (what the others raise).
     """
 
     def __init__(self, nodes=2, node_size="256MiB", page_size="4KiB", *, engine=None,
@@ -55,6 +119,7 @@ class Machine:
         node_size = parse_size(node_size, "node_size")
         if node_size % HPAGE_PMD_SIZE:
             raise ValueError(f"node_size must be a multiple of 2MiB (the largest folio), got {node_size}")
+        check_host_fits(int(nodes) * node_size, int(nodes) * (node_size // page_size))
         self.nodes = int(nodes)
         self.page_size = page_size
         self.page_shift = page_size.bit_length() - 1
@@ -114,8 +179,10 @@ class Machine:
         self.close()
 
     def check_open(self):
+        """Raise :class:`copyengine.errors.MachineClosedError` after close(): an OSError
+        (ENXIO) for system-call shaped calls and a ValueError for the rest, in one class."""
         if self._closed:
-            raise ValueError("the machine is closed")
+            raise MachineClosedError()
 
     def __repr__(self):
         return (f"<Machine nodes={self.nodes} node_size={self.node_size} page_size={self.page_size}"

@@ -116,8 +116,9 @@ class _Model:
     ``cpus``: the CPUs the engine's threads had while it was measured.
 
     The correction is the median ratio of measured to predicted time over the last
-    :data:`_WINDOW` batches of the class (the least, until there are three), and a batch
-    more than :data:`_OUTLIER` times slower than predicted counts only when the next one
+    :data:`_WINDOW` batches of the class (the least, until there are three). The first
+    batch of a class is not counted (it pays for first use: fresh frames, cold code), and
+    one more than :data:`_OUTLIER` times slower than predicted counts only when the next
     is too: one slow batch -- the first into fresh memory takes the host's page faults,
     measured at 20-55x -- must not rule an engine out for good."""
 
@@ -137,8 +138,8 @@ class _Model:
         c = _size_class(nbytes)
         r = seconds / base
         self.seen[c] = time.monotonic()
-        if r > _OUTLIER * self.ratio.get(c, 1.0) and not self.outlier.get(c):
-            self.outlier[c] = True
+        if c not in self.outlier or (r > _OUTLIER * self.ratio.get(c, 1.0) and not self.outlier[c]):
+            self.outlier[c] = True    # the first batch of a class, or a lone outlier
             return
         self.outlier[c] = False
         w = self.window.setdefault(c, collections.deque(maxlen=_WINDOW))

@@ -222,3 +222,31 @@ def test_what_happens_during_an_earlier_batch_copy_is_seen_by_later_batches(fast
         if "pin" in state:
             state["pin"].release()
         check_machine(m)
+
+
+class Counting(ce.engines.Engine):
+    capabilities = ce.engines.Capabilities(inline_bytes=64 << 10)
+
+    def __init__(self):
+        self.jobs = 0
+
+    def copy(self, job):
+        self.jobs += 1
+        return ce.engines.folio_mc_copy(job, np.arange(job.nr_folios))
+
+
+def test_an_engine_declaring_inline_bytes_is_not_called_for_smaller_calls(fast_calls):
+    eng = Counting()
+    pm = make_plugin_manager(entry_points=False, plugins=[Register(eng)])
+    with ce.Machine(nodes=2, node_size="16MiB", plugin_manager=pm) as m:
+        m.set_engine("hooked")
+        p = m.spawn()
+        a = p.mmap(64 * PS)
+        data = pattern(64 * PS, 9)
+        p.write(a, data)
+        assert p.move_pages(0, [a + i * PS for i in range(8)], [1] * 8).status == [1] * 8
+        assert eng.jobs == 0  # 32 KiB: copied inline, as the engine said it would on this CPU
+        assert p.move_pages(0, [a + i * PS for i in range(64)], [1] * 64).ret == 0
+        assert eng.jobs == 1  # 224 KiB left to move: the engine's own job
+        assert fast_calls == [True, True] and p.read(a, 64 * PS) == data
+        check_machine(m)

@@ -38,6 +38,8 @@ class Capabilities:
     max_batch: int = 0           # most folios per job, 0 = no limit
     mc_safe: bool = True         # reports -EHWPOISON for a poisoned source (never reads it)
     batched: bool = True         # False: the flow before the series, each folio copied in its move step
+    inline_bytes: int = 0        # batches below this the engine copies on the calling CPU anyway:
+                                 # the framework may copy them itself (folio_mc_copy), not calling it
 
     def as_dict(self):
         return asdict(self)

@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from ..engines.memops import NT_BYTES
-from ..engines.serial import SerialEngine
+from ..engines.serial import SerialEngine, VanillaEngine
 from ..mm.buddy import alloc_blocks, free_one, rmqueue_bulk
 from ..mm.folio_ops import free_folios, prep_new_folios
 from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked
@@ -187,6 +187,54 @@ def finalize_all(sel, src, dst, nr, ev, ep, ef, ew, k, want, ptes, flags, refcou
 
 
 @njit(cache=True, nogil=True)
+def move_small_inline(addrs, start, end, page_shift, ptes, node, fpn, zero_pfn, oid, pgoff, limit_pages,
+                      vanilla, mem, page_size, status, queue, qheads, qpfns, freed, max_order, nxt, prv,
+                      free_order, free_head, nr_free, flags, refcount, pincount, mapcount, order, head,
+                      owner, index, private):
+    """The whole of a small call with a built-in CPU engine in one compiled call, the lock
+    held throughout: lookup + isolate, get_new_folio, unmap, move and copy (vanilla: move
+    then copy, folio after folio), finalize. Returns the folios migrated; 0 when none was
+    to move; -1 (nothing changed) for the full path; -2 (folios isolated, nothing else
+    changed) when they are more than ``limit_pages`` base pages: the caller goes on with
+    the batched cheap path."""
+    nq = lookup_and_isolate(addrs, start, end, page_shift, ptes, node, fpn, zero_pfn, oid, flags,
+                            refcount, pincount, mapcount, order, head, owner, status, queue, qheads, qpfns)
+    if nq <= 0:
+        return nq
+    o = order[qheads[0]]
+    if (nq << o) > limit_pages:
+        return -2
+    dst = np.empty(nq, np.int64)
+    if not alloc_destinations(qheads, nq, node, o, dst, fpn, max_order, nxt, prv, free_order, free_head,
+                              nr_free, flags, refcount, pincount, mapcount, order, head, owner, index,
+                              private):
+        return -1
+    src = qheads[:nq].copy()
+    nr = np.full(nq, 1 << o, np.int64)
+    npages = nq << o
+    ev = np.empty(npages, np.int64)
+    ep = np.empty(npages, np.int64)
+    ef = np.empty(npages, np.int64)
+    ew = np.empty(npages, np.uint64)
+    sel = np.empty(nq, np.int64)
+    rc = np.zeros(nq, np.int32)
+    moved = np.zeros(nq, np.bool_)
+    copied = np.zeros(nq, np.bool_)
+    k = unmap_and_move(nq, src, dst, nr, oid, owner, index, pgoff, ptes, flags, mapcount, refcount,
+                       ev, ep, ef, ew, rc, moved, sel, not vanilla)
+    # eligible folios pass the reference check and are not poisoned: the lock is held
+    if vanilla:
+        kernels.vanilla_move_copy(sel, src, dst, nr, flags, owner, index, refcount, moved, mem, page_size,
+                                  False, rc, copied)
+    else:
+        kernels.folio_copy(sel, src, dst, nr, flags, mem, page_size, False, rc, copied)
+    freed[0] = finalize_all(sel, src, dst, nr, ev, ep, ef, ew, k, copied, ptes, flags, refcount,
+                            pincount, mapcount, order, head, owner, index, private, fpn, max_order, nxt,
+                            prv, free_order, free_head, nr_free)
+    return nq
+
+
+@njit(cache=True, nogil=True)
 def query_nodes(addrs, start, end, page_shift, ptes, fpn, zero_pfn, head, status):
     """do_pages_stat for entries that all lie in one VMA: the node of each page, -ENOENT
     for one never touched, -EFAULT for the zero page. False (status incomplete) if a page
@@ -250,11 +298,18 @@ def move_pages_fast(target, addrs, node):
     queue = np.empty(n, np.int64)
     qheads = np.empty(n, np.int64)
     qpfns = np.empty(n, np.int64)
-    nq = lookup_and_isolate(addrs, vma.start, vma.end, m.page_shift, vma.ptes, node, m.frames_per_node,
-                            m.zero_pfn, vma.obj.id, mm.flags, mm.refcount, mm.pincount, mm.mapcount,
-                            mm.order, mm.head, mm.owner, status, queue, qheads, qpfns)
-    if nq <= 0:
-        return (0, status) if nq == 0 else None
+    inline = INLINE_BYTES if type(engine) in _INLINE else min(engine.capabilities.inline_bytes, INLINE_BYTES)
+    if inline:
+        nq = _move_small(m, vma, addrs, node, engine, inline, status, queue, qheads, qpfns)
+        if nq != -2:
+            return None if nq < 0 else (0, status)
+        nq = int((queue >= 0).sum())  # too large for one call: isolated, go on in batches
+    else:
+        nq = lookup_and_isolate(addrs, vma.start, vma.end, m.page_shift, vma.ptes, node, m.frames_per_node,
+                                m.zero_pfn, vma.obj.id, mm.flags, mm.refcount, mm.pincount, mm.mapcount,
+                                mm.order, mm.head, mm.owner, status, queue, qheads, qpfns)
+        if nq <= 0:
+            return (0, status) if nq == 0 else None
     t0 = time.perf_counter()
     heads = qheads[:nq]
     order = int(mm.order[heads[0]])
@@ -271,6 +326,38 @@ def move_pages_fast(target, addrs, node):
         status[queue >= 0] = np.where(st == 0, node, st)
         return int(failed.sum()), status
     return 0, status
+
+
+#: built-in CPU engines a small call runs inside one compiled call with (no engine call);
+#: other engines opt in with ``Capabilities.inline_bytes``
+_INLINE = (SerialEngine, VanillaEngine)
+#: the most bytes a call may move that way (the lock is held through the copy)
+INLINE_BYTES = 256 << 10
+
+
+def _move_small(m, vma, addrs, node, engine, inline, status, queue, qheads, qpfns) -> int:
+    """A small call in one compiled call (:func:`move_small_inline`), with its counters:
+    at most ``inline`` bytes, and one batch."""
+    mm = m.mem_map
+    limit = min(inline >> m.page_shift, m.settings["nr_max_batched_migration"])
+    freed = np.zeros(1, np.int64)
+    t0 = time.perf_counter()
+    nq = move_small_inline(addrs, vma.start, vma.end, m.page_shift, vma.ptes, node, m.frames_per_node,
+                           m.zero_pfn, vma.obj.id, vma.pgoff, limit, not engine.capabilities.batched, m.mem,
+                           m.page_size, status, queue, qheads, qpfns, freed, m.max_order, *m.buddy.lists(),
+                           *mm.arrays())
+    if nq <= 0:
+        return nq
+    t1 = time.perf_counter()
+    order = int(mm.order[mm.head[qpfns[0]]])
+    m._vmstat["pgalloc"] += nq << order
+    m._vmstat["pgfree"] += int(freed[0])
+    stats = migrate_stats(m, np.zeros(nq, np.int32), order, m.settings["migrate_mode"], MR_SYSCALL)
+    count_migrate(m, stats)
+    if m.recorder is not None:  # one compiled call: its phases are not told apart
+        m.recorder.batch(t0, t0, t0, t0, t0, t1, nq, nq << order, engine.name)
+        m.recorder.call(t0, t1, t1, **stats)
+    return nq
 
 
 def migrate_folios_fast(m, vma, heads, pfns, dst, order, node, engine) -> np.ndarray:
@@ -307,15 +394,21 @@ def migrate_folios_fast(m, vma, heads, pfns, dst, order, node, engine) -> np.nda
             out[lo:hi] = rc
     finally:
         m.put_engine(engine)
+    mode = m.settings["migrate_mode"]
+    if handed == len(heads) and exc is None and not out.any():  # the common case
+        stats = migrate_stats(m, out, order, mode, MR_SYSCALL)
+        count_migrate(m, stats)
+        if m.recorder is not None:
+            m.recorder.call(start, time.perf_counter(), m.recorder.first_remap_since(start), **stats)
+        return out
     # -EAGAIN: an engine that could not stop had the folio undone (its destination is
     # quarantined); like the rest of what is handed on, the full path retries it
     again = np.flatnonzero(out[:handed] == -errno.EAGAIN) if exc is None else np.empty(0, np.int64)
     mine = np.ones(handed, bool)
     mine[again] = False
-    stats = migrate_stats(m, out[:handed][mine], order, m.settings["migrate_mode"], MR_SYSCALL)
+    stats = migrate_stats(m, out[:handed][mine], order, mode, MR_SYSCALL)
     count_migrate(m, stats)
-    if stats["succeeded"] != int(mine.sum()) << order:
-        putback_movable_folios(m, heads[:handed][mine & (out[:handed] != 0)])
+    putback_movable_folios(m, heads[:handed][mine & (out[:handed] != 0)])
     if m.recorder is not None:
         m.recorder.call(start, time.perf_counter(), m.recorder.first_remap_since(start), **stats)
     if exc is not None:

@@ -18,10 +18,8 @@ def migrate_stats(m, rc, orders, mode, reason) -> dict:
     or one order for all; a split folio counts once, as failed; -EINTR, a folio an
     exception stopped, not at all)."""
     if not isinstance(orders, np.ndarray):
-        if not rc.any():  # the common case, in a few scalar operations
-            n, thp = len(rc), int(orders == m.max_order)
-            return dict(succeeded=n << orders, failed=0, thp_succeeded=n * thp, thp_failed=0,
-                        thp_split=0, large_folio_split=0, mode=mode, reason=MIGRATE_REASON[reason])
+        if not rc.any():
+            return all_migrated(m, len(rc), orders, mode, reason)
         orders = np.full(len(rc), orders, np.int64)
     nr = np.left_shift(1, orders.astype(np.int64))
     thp = orders == m.max_order
@@ -31,6 +29,13 @@ def migrate_stats(m, rc, orders, mode, reason) -> dict:
                 thp_succeeded=int((thp & ok).sum()), thp_failed=int((thp & (failed | split)).sum()),
                 thp_split=int((thp & split).sum()), large_folio_split=int((split & (orders > 0)).sum()),
                 mode=mode, reason=MIGRATE_REASON[reason])
+
+
+def all_migrated(m, n, order, mode, reason) -> dict:
+    """:func:`migrate_stats` of ``n`` folios of ``order`` that all migrated, in scalars."""
+    thp = int(order == m.max_order)
+    return dict(succeeded=n << order, failed=0, thp_succeeded=n * thp, thp_failed=0, thp_split=0,
+                large_folio_split=0, mode=mode, reason=MIGRATE_REASON[reason])
 
 
 def count_migrate(m, stats) -> None:

@@ -34,7 +34,7 @@ from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT
 from ..uapi import MR_SYSCALL
 from . import kernels
-from .accounting import count_migrate, migrate_stats
+from .accounting import all_migrated, count_migrate, migrate_stats
 from .batch_copy import migrate_folios_batch_copy
 from .core import MigrationBatch, migrate_folios_finalize, putback_movable_folios
 from .core import migrate_pages as migrate_folios
@@ -352,7 +352,7 @@ def _move_small(m, vma, addrs, node, engine, inline, status, queue, qheads, qpfn
     order = int(mm.order[mm.head[qpfns[0]]])
     m._vmstat["pgalloc"] += nq << order
     m._vmstat["pgfree"] += int(freed[0])
-    stats = migrate_stats(m, np.zeros(nq, np.int32), order, m.settings["migrate_mode"], MR_SYSCALL)
+    stats = all_migrated(m, nq, order, m.settings["migrate_mode"], MR_SYSCALL)
     count_migrate(m, stats)
     if m.recorder is not None:  # one compiled call: its phases are not told apart
         m.recorder.batch(t0, t0, t0, t0, t0, t1, nq, nq << order, engine.name)

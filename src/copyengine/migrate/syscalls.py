@@ -34,6 +34,8 @@ class MovePagesResult:
 
 # --------------------------------------------------------------------------- checks
 def _int(v, what):
+    if type(v) is int:  # the common case, without the ABC check
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{what} must be an int, not {type(v).__name__}")
     return int(v)
@@ -50,7 +52,7 @@ def _int_array(values, what):
         return values.astype(np.int64)
     lst = list(values)
     for v in lst:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        if type(v) is not int and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
             raise TypeError(f"{what} holds {v!r}, not an int")
     try:
         return np.array(lst, dtype=np.int64)

@@ -106,9 +106,38 @@ def test_unavailable_engines_say_why(capsys, tmp_path, monkeypatch):
     doc = json.loads(run(capsys, "-p", "ce_cli_plugin", "engines", "--json")[1])
     nodev = next(e for e in doc["engines"] if e["name"] == "nodev")
     assert not nodev["available"] and nodev["capabilities"] is None
-    # a -p module that cannot be imported is a usage error
-    err = usage_error(capsys, "-p", "ce_cli_broken", "engines")
+    # a -p module that cannot be imported: `engines` lists it as not loaded (docs/plugins.md
+    # section 4) and exits 1; a command that would run with it refuses to run (exit 2)
+    rc, out, _ = run(capsys, "-p", "ce_cli_broken", "engines")
+    assert rc == 1
+    assert "plugins not loaded" in out and "ce_cli_broken (registered): failed" in out
+    assert "missing libdma.so" in out and "serial" in out
+    rc, out, _ = run(capsys, "-p", "ce_cli_broken", "engines", "--json")
+    assert rc == 1
+    broken = [p for p in json.loads(out)["plugins"] if p["name"] == "ce_cli_broken"]
+    assert broken and broken[0]["status"] == "failed" and "missing libdma.so" in broken[0]["error"]
+    err = usage_error(capsys, "-p", "ce_cli_broken", "bench", "--quick")
     assert "missing libdma.so" in err
+
+
+def test_typo_plugin_listed_as_not_loaded(capsys):
+    rc, out, _ = run(capsys, "-p", "typo_no_such_module", "engines")
+    assert rc == 1
+    assert "typo_no_such_module (registered): failed: ModuleNotFoundError" in out
+
+
+def test_engines_prints_no_compiler_warning(tmp_path):
+    """`copyengine engines` on fresh kernel caches (so the OpenCL kernels are really
+    compiled) prints nothing on stderr: no pyopencl CompilerWarning, no PoCL
+    "1 warning generated."."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COPYENGINE_", "PYOPENCL_"))}
+    env.update(XDG_CACHE_HOME=str(tmp_path), POCL_CACHE_DIR=str(tmp_path / "pocl"),
+               PYOPENCL_COMPILER_OUTPUT="1", PYTHONWARNINGS="default")
+    r = subprocess.run([sys.executable, "-m", "copyengine.cli", "engines"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr.lower(), r.stderr
+    assert "warning" not in r.stdout.lower(), r.stdout
 
 
 def test_failed_plugins_are_listed(capsys, monkeypatch):

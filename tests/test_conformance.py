@@ -333,3 +333,20 @@ class TestMtNonTemporalAnyByte(EngineConformance):
     engine_factory = staticmethod(_mt_non_temporal)
     granule = 1
     max_examples = 30
+
+
+def test_check_engine_takes_the_documented_timeout():
+    """docs/plugins.md documents check_engine(..., timeout=): a hung asynchronous engine
+    is reported after that many seconds, not the default 30."""
+    with pytest.raises(ConformanceError, match=r"did not complete in 0\.3 s"):
+        check_engine("hang", plugins=[test_engines], timeout=0.3, max_examples=2, only=["random_jobs"],
+                     shrink=False)
+    for bad in (0, -1, "1", None, True):
+        with pytest.raises(ValueError, match="timeout"):
+            check_engine("serial", timeout=bad, only=["capabilities"])
+
+
+def test_run_engine_is_exported():
+    import copyengine.engines as engines
+    from copyengine.engines.base import run_engine
+    assert "run_engine" in engines.__all__ and engines.run_engine is run_engine

@@ -56,16 +56,18 @@ def command(name, help="", arguments=None, parser=None):
     return deco
 
 
-def plugin_manager(args):
+def plugin_manager(args, strict=True):
     """The plugin manager for a command: the process-wide one, or a fresh one with the
-    global ``-p`` plugins registered too."""
+    global ``-p`` plugins registered too. ``strict``: a ``-p`` plugin that fails to load
+    is a usage error (a command asked to run with it must not run without it); ``engines``
+    passes False and lists it under "plugins not loaded" instead."""
     from .plugins import get_plugin_manager, make_plugin_manager, plugin_info
     extra = getattr(args, "plugin", None) or []
     if not extra:
         return get_plugin_manager()
     pm = make_plugin_manager(plugins=extra)
     for f in plugin_info(pm).failures:
-        if f.name in extra:
+        if strict and f.name in extra:
             raise UsageError(f"plugin {f.name!r} (-p): {f.error}")
     return pm
 
@@ -144,11 +146,15 @@ def _engines_args(p):
 @command("engines", help="list the copy engines, where they come from and whether they run here",
          arguments=_engines_args)
 def cmd_engines(args) -> int:
-    report = probe_engines(plugin_manager(args))
+    """Exit status 0, or 1 when a plugin named with ``-p`` failed to load (it is listed
+    under "plugins not loaded" with its error, like any broken plugin)."""
+    report = probe_engines(plugin_manager(args, strict=False))
+    asked = set(getattr(args, "plugin", None) or ())
+    rc = 1 if any(p["name"] in asked and p["status"] != "loaded" for p in report["plugins"]) else 0
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return 0
+        return rc
     rows = report["engines"]
     width = max([len(r["name"]) for r in rows] + [6])
     src_w = max([len(r["source"]) for r in rows] + [6])
@@ -172,7 +178,7 @@ def cmd_engines(args) -> int:
             print(f"  {p['name']} ({p['source']}): {p['status']}: {p['error']}")
     for c in report["conflicts"]:
         print(f"\nconflict: {c}")
-    return 0
+    return rc
 
 
 # ----------------------------------------------------------------------------- bench

@@ -584,13 +584,19 @@ CHECKS = {
 }
 
 
-def check_engine(spec_or_factory, *, plugins=(), granule=8, may_decline=False,
-                 max_examples=None, only=None) -> dict:
+def check_engine(spec_or_factory, *, plugins=(), granule=8, may_decline=False, timeout=30.0,
+                 max_examples=None, only=None, shrink=True) -> dict:
     """Run the conformance checks on an engine; raise :class:`ConformanceError` at the
     first violation. ``spec_or_factory`` is a spec string or a callable(machine) ->
-    Engine. Returns ``{check name: "passed" or "skipped: why"}``. ``only``: a list of
-    check names (see :data:`CHECKS`)."""
-    opts = Options(spec_or_factory, tuple(plugins), granule, may_decline, max_examples=max_examples)
+    Engine. Returns ``{check name: "passed" or "skipped: why"}``. ``timeout``: seconds an
+    asynchronous job may take before the kit calls it hung (as
+    :attr:`EngineConformance.timeout`). ``only``: a list of check names (see :data:`CHECKS`).
+    ``shrink=False`` reports the first failing example as found (a hung engine costs
+    ``timeout`` per example hypothesis tries while shrinking)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    opts = Options(spec_or_factory, tuple(plugins), granule, may_decline, float(timeout),
+                   max_examples=max_examples, shrink=bool(shrink))
     out = {}
     for name, fn in CHECKS.items():
         if only is not None and name not in only:

@@ -136,7 +136,7 @@ def test_phases_add_up_to_the_wall_time(quick_result):
     for r in quick_result["results"]:
         total = sum(r["phases"].values()) + r["other"]
         assert total == pytest.approx(r["seconds_mean"], rel=1e-6, abs=1e-9)
-        assert r["phases"]["copy"] > 0
+        assert r["phases"]["copy"] > 0 or r["phases"]["fused"] > 0  # a small call: one compiled call
 
 
 def test_reports(quick_result, tmp_path):

@@ -322,6 +322,7 @@ def test_max_batch_is_never_exceeded_and_min_bytes_is_honoured():
         m.set_engine("small")
         assert p.move_pages(0, addrs, [0] * 10).ret == 0
         assert small.jobs == []  # 40 KiB is below its 256 KiB: the CPU copied it
+        assert m.vmstat["copy_below_min_bytes_folios"] == 10 and m.vmstat["copy_fallback_folios"] == 0
         settled(m, p, a, data, node=0)
 
 

@@ -29,8 +29,8 @@ DEFAULT_ENGINE = "auto"
 VMSTAT_COUNTERS = (
     "pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migration_fail",
     "thp_migration_split", "pgfault", "pgalloc", "pgfree", "cow_fault", "thp_split_page",
-    "nr_hwpoison", "copy_engine_errors", "copy_fallback_folios", "copy_quarantined_pages",
-    "nr_quarantined_pages",
+    "nr_hwpoison", "copy_engine_errors", "copy_fallback_folios", "copy_below_min_bytes_folios",
+    "copy_quarantined_pages", "nr_quarantined_pages",
 )
 
 
@@ -139,7 +139,7 @@ class Machine:
         self._next_pid = 1
         self._vmstat = Counter({k: 0 for k in VMSTAT_COUNTERS})
         self.settings = Settings(self)
-        self.migrate_times = dict.fromkeys(("prepare", "unmap", "move", "copy", "finalize"), 0.0)
+        self.migrate_times = dict.fromkeys(("prepare", "unmap", "move", "copy", "finalize", "fused"), 0.0)
         self._closed = False
         self._engine = None
         self.engine_spec = None

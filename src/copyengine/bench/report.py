@@ -10,7 +10,8 @@ import os
 from .runner import PHASES
 
 CSV_FIELDS = ("page_size", "base_page", "folio_size", "count", "config", "bytes", "gbps", "gbps_min",
-              "gbps_max", "fraction", "repeats", "verified", "seconds") + PHASES + ("other", "error")
+              "gbps_max", "fraction", "repeats", "verified", "seconds", "cpu_s_per_gib", "window_p50_us",
+              "window_p99_us", "window_max_us", "first_usable_us") + PHASES + ("other", "error")
 
 
 def _size(n) -> str:
@@ -162,8 +163,33 @@ def format_tables(res, spread=True) -> str:
                 block.append(f"| {c} | {_g(r['gbps'])} | {r['seconds_mean'] * 1e3:.2f} | "
                              + " | ".join(f"{sh[k] * 100:.0f}%" for k in PHASES)
                              + f" | {sh['other'] * 100:.0f}% |")
+        block += _cost_table(t)
         blocks.append("\n".join(block))
     return "\n\n".join(blocks)
+
+
+def _cost_table(t) -> list:
+    """What batching costs beside what it gains, per configuration: the p99 unavailability
+    window of a folio (unmap to remap), the time until a call's first folio is usable
+    again, and the CPU seconds the process spent per GiB moved (engine threads included)."""
+    cfgs = [c for c in t["configs"] if any(t["cells"].get((n, c), {}).get("window_p99_us") is not None
+                                           for n in t["counts"])]
+    if not cfgs:
+        return []
+    rows = ["", "What it costs: p99 window us / first folio usable us / CPU s per GiB (all threads):", "",
+            "| pages | " + " | ".join(cfgs) + " |", "|---:|" + "---:|" * len(cfgs)]
+    for n in t["counts"]:
+        cells = []
+        for c in cfgs:
+            r = t["cells"].get((n, c))
+            if not r or r.get("window_p99_us") is None:
+                cells.append("")
+                continue
+            fu = r.get("first_usable_us")
+            cells.append(f"{r['window_p99_us']:.0f} / {fu:.0f} / {r.get('cpu_s_per_gib', 0):.3f}"
+                         if fu is not None else f"{r['window_p99_us']:.0f} / - / {r.get('cpu_s_per_gib', 0):.3f}")
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def format_targets(res) -> str:

@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..hookspecs import hookimpl
+from .. import trace
+from ..migrate.core import PHASES
 from . import scenarios as sc
 from . import sysinfo
 
-PHASES = ("prepare", "unmap", "move", "copy", "finalize")
 SCHEMA = "copyengine-bench/1"
-MiB = 1 << 20
+MiB, GiB = 1 << 20, 1 << 30
 
 #: pattern word w of a row is ``w * _K + seed`` (mod 2**64): cheap to make, and every
 #: word of every row differs from its neighbours and from other rows' words
@@ -203,30 +203,18 @@ class Progress:
             self.stream.flush()
 
 
-# --------------------------------------------------------------------------- observer
-class _Observer:
-    """A migration-event plugin: counts engine errors, CPU fallbacks and engines used."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.engine_errors = []
-        self.fallback = 0
-        self.used = {}
-
-    @hookimpl
-    def copyengine_migration_event(self, machine, event, info):
-        if machine is not self.machine:
-            return
-        if event == "engine_error":
-            self.engine_errors.append(f"{info.get('engine')}: {info.get('error')}")
-        elif event == "batch_copy":
-            self.fallback += int(info.get("fallback", 0) or 0)
-            name = str(info.get("engine"))
-            self.used[name] = self.used.get(name, 0) + 1
-
-    machine = None
+# --------------------------------------------------------------------------- checks
+def _check_engine_did_the_copy(before, after):
+    """A run counts only if the configured engine copied every folio: no engine error and
+    no CPU fallback (vmstat, so that no observer plugin sends the calls down the full path)."""
+    errors = after["copy_engine_errors"] - before["copy_engine_errors"]
+    if errors:
+        raise EngineFailed(f"it failed {errors} time(s) (raised or returned a bad result) and the CPU "
+                           "copied instead")
+    fallback = after["copy_fallback_folios"] - before["copy_fallback_folios"]
+    if fallback:
+        raise EngineFailed(f"{fallback} folio(s) were not copied by the engine but by the CPU fallback "
+                           "(folio_mc_copy)")
 
 
 # --------------------------------------------------------------------------- workload
@@ -312,9 +300,13 @@ class Workload:
         was = gc.isenabled()
         gc.disable()
         try:
-            t0 = time.perf_counter()
-            r = self.p.move_pages(0, self.addrs, nodes)
-            dt = time.perf_counter() - t0
+            with trace.record(m) as rec:
+                c0 = time.process_time()  # every thread of the process: engine workers too
+                t0 = time.perf_counter()
+                r = self.p.move_pages(0, self.addrs, nodes)
+                dt = time.perf_counter() - t0
+                self.cpu = time.process_time() - c0
+            self.recorder = rec
         finally:
             if was:
                 gc.enable()
@@ -413,6 +405,9 @@ class Cell:
     unavailable: bool = False
     engines_used: dict = field(default_factory=dict)
     checks: str = ""
+    cpu: list = field(default_factory=list)          # CPU seconds of each timed run
+    windows: list = field(default_factory=list)      # per timed run: every folio's window, us
+    first_usable: list = field(default_factory=list)  # per timed run: call start -> first remap, us
 
     @property
     def nbytes(self):
@@ -440,6 +435,16 @@ class Cell:
                 out["phases"] = ph
                 out["other"] = max(0.0, wall - sum(ph.values()))
                 out["shares"] = {k: v / wall for k, v in ph.items()} | {"other": out["other"] / wall}
+        if ok and self.cpu:
+            out["cpu_s"] = statistics.median(self.cpu)
+            out["cpu_s_per_gib"] = statistics.median(self.cpu) / (self.nbytes / GiB)
+        if ok and self.windows:
+            w = np.concatenate(self.windows)
+            out["window_p50_us"] = float(np.percentile(w, 50))
+            out["window_p99_us"] = float(np.percentile(w, 99))
+            out["window_max_us"] = float(w.max())
+        if ok and self.first_usable:
+            out["first_usable_us"] = statistics.median(self.first_usable)
         if self.engines_used:
             out["engines_used"] = dict(self.engines_used)
         if self.checks:
@@ -555,8 +560,6 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
     show = sys.stderr.isatty() if progress is None else bool(progress)
     bar = Progress(total_units, show)
 
-    obs = _Observer()
-    pm.register(obs, name=f"copyengine-bench-observer-{id(obs)}")
     rng = np.random.default_rng(seed)
     cells: list[Cell] = []
     memory = {"sim_touched_bytes": 0, "sim_expected_bytes": 0, "per_page_size": {}}
@@ -588,7 +591,6 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
                     for s in live:
                         cells.append(Cell(ps, c, s, error=f"machine: {type(e).__name__}: {e}"))
                 continue
-            obs.machine = m
             phys_addr = m.mem.ctypes.data
             try:
                 for count in counts:
@@ -626,24 +628,22 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
                             except (EngineUnavailable, ValueError, TypeError) as e:
                                 cell.error, cell.unavailable = f"{type(e).__name__}: {e}", True
                                 continue
-                            obs.reset()
                             for i in range(plan.warmup + plan.repeat):
                                 timed = i >= plan.warmup
                                 last = i == plan.warmup + plan.repeat - 1
-                                before_err, before_fb = len(obs.engine_errors), obs.fallback
+                                before = m.vmstat
                                 dt, phases = wl.run(full=full_every or (last and full_last))
-                                if len(obs.engine_errors) > before_err:
-                                    raise EngineFailed("it raised and the CPU copied the batch instead: "
-                                                       + obs.engine_errors[-1])
-                                if obs.fallback > before_fb:
-                                    raise EngineFailed(f"{obs.fallback - before_fb} folio(s) were not copied by "
-                                                       f"the engine but by the CPU fallback (folio_mc_copy)")
+                                _check_engine_did_the_copy(before, m.vmstat)
                                 if timed:
                                     cell.seconds.append(dt)
                                     cell.phases.append(phases)
+                                    cell.cpu.append(wl.cpu)
+                                    cell.windows.append(wl.recorder.windows_us())
+                                    cell.first_usable.extend(wl.recorder.first_usable_us().tolist())
+                                    for b in wl.recorder.batches:
+                                        cell.engines_used[b[9]] = cell.engines_used.get(b[9], 0) + 1
                                 bar.advance(nbytes)
                                 done_units += nbytes
-                            cell.engines_used = dict(obs.used)
                         except VerifyError as e:
                             cell.error = f"verification failed: {e}"
                         except EngineFailed as e:
@@ -673,12 +673,10 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
                 if phys_rss is not None:
                     memory["sim_touched_bytes"] = max(memory["sim_touched_bytes"], phys_rss)
             finally:
-                obs.machine = None
                 m.close()
                 del m
                 gc.collect()
     finally:
-        pm.unregister(obs)
         bar.close()
 
     rss = sysinfo.rss_bytes()

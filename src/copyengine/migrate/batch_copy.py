@@ -129,7 +129,8 @@ def migrate_folios_batch_copy(b, sel, engine, dispatch=None) -> None:
     caps = engine.capabilities
     nbytes = int(b.nr[sel].sum()) * m.page_size
     res = np.full(len(sel), -errno.EOPNOTSUPP, np.int32)
-    if nbytes >= caps.min_bytes:
+    offload = nbytes >= caps.min_bytes
+    if offload:
         step = caps.max_batch if caps.max_batch > 0 else len(sel)
         for lo in range(0, len(sel), step):
             res[lo:lo + step] = _engine_copy(b, sel[lo:lo + step], engine, d)
@@ -140,7 +141,8 @@ def migrate_folios_batch_copy(b, sel, engine, dispatch=None) -> None:
     b.rc[sel] = np.where(stray, -errno.EAGAIN, res)
     b.copied[sel] = res == 0
     if len(redo):
-        m.count("copy_fallback_folios", len(redo))
+        # below min_bytes the CPU copies by design; otherwise the engine left these folios
+        m.count("copy_fallback_folios" if offload else "copy_below_min_bytes_folios", len(redo))
         mm = m.mem_map
         kernels.folio_copy(redo, b.src, b.dst, b.nr, mm.flags, m.mem, m.page_size,
                            nbytes >= NT_BYTES, b.rc, b.copied)

@@ -39,7 +39,9 @@ NR_MAX_MIGRATE_PAGES_RETRY = 10
 NR_MAX_MIGRATE_ASYNC_RETRY = 3
 NR_MAX_MIGRATE_SYNC_RETRY = 7
 
-PHASES = ("prepare", "unmap", "move", "copy", "finalize")
+#: the phases whose time ``Machine.migrate_times`` accumulates; "fused" is a small call
+#: that ran as one compiled function (migrate/fastpath.py), its phases not told apart
+PHASES = ("prepare", "unmap", "move", "copy", "finalize", "fused")
 
 
 class MigrationBatch:

@@ -349,6 +349,7 @@ def _move_small(m, vma, addrs, node, engine, inline, status, queue, qheads, qpfn
     if nq <= 0:
         return nq
     t1 = time.perf_counter()
+    m.migrate_times["fused"] += t1 - t0
     order = int(mm.order[mm.head[qpfns[0]]])
     m._vmstat["pgalloc"] += nq << order
     m._vmstat["pgfree"] += int(freed[0])

@@ -48,7 +48,7 @@ from ..hookspecs import hookimpl
 from .base import Capabilities, CopyJob, Engine, run_engine
 from .mt import MtEngine
 
-_CALIBRATION_SIZES = (4096, 1 << 20, 8 << 20)
+_CALIBRATION_SIZES = (64 << 10, 8 << 20)
 _WINDOW = 5  # batches per size class whose median corrects the model
 _OUTLIER = 4.0  # a batch this much slower than predicted is noise until it repeats
 _EXPLORE_EVERY = 32  # one batch in this many re-measures the least recently tried candidate
@@ -151,33 +151,39 @@ def _size_class(nbytes):
     return max(0, int(math.log2(max(nbytes, 1))))
 
 
-def _calibrate(engine, cpus=1) -> _Model:
-    """The least of two timed copies (after one untimed) of three sizes on a scratch buffer,
-    fitted by least squares. Kept short (~10 ms an engine): every Machine calibrates, and
-    under GIL contention each step can cost a switch interval."""
-    biggest = max(_CALIBRATION_SIZES)
-    buf = mmap.mmap(-1, 2 * biggest)  # page aligned, like physical memory (device engines need it)
-    try:
-        mem = np.frombuffer(buf, np.uint8)
-        mem[:biggest] = 1
-        xs, ys = [], []
-        for size in _CALIBRATION_SIZES:
-            job = CopyJob(mem, np.array([0], np.int64), np.array([biggest], np.int64),
-                          np.array([size], np.int64), np.array([0], np.int64), np.zeros(1, bool))
-            for a in (job.src_off, job.dst_off, job.nbytes, job.folio, job.src_poisoned):
-                a.flags.writeable = False   # as migration's jobs: the compiled code loaded is theirs
-            run_engine(engine, job, 10.0)  # warm (threads started, device buffers made)
-            times = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                run_engine(engine, job, 10.0)
-                times.append(time.perf_counter() - t0)
-            xs.append(size)
-            ys.append(min(times))
-        del mem, job
-    finally:
+class _Scratch:
+    """A page-aligned buffer for calibration copies (device engines need the alignment),
+    touched once so that no copy pays the page faults; shared by one calibration pass."""
+
+    def __init__(self):
+        self.buf = mmap.mmap(-1, 2 * max(_CALIBRATION_SIZES))
+        self.mem = np.frombuffer(self.buf, np.uint8)
+        self.mem[:] = 1
+
+    def close(self):
+        self.mem = None
         with contextlib.suppress(BufferError):
-            buf.close()
+            self.buf.close()
+
+
+def _calibrate(engine, scratch, cpus=1) -> _Model:
+    """The least of two copies of each of two sizes on ``scratch``: the line through them.
+    Kept short (four copies, a few ms an engine): every Machine calibrates, and beside
+    busy Python threads every release of the GIL can cost a switch interval (5 ms)."""
+    mem, half = scratch.mem, max(_CALIBRATION_SIZES)
+    xs, ys = [], []
+    for size in _CALIBRATION_SIZES:
+        job = CopyJob(mem, np.array([0], np.int64), np.array([half], np.int64),
+                      np.array([size], np.int64), np.array([0], np.int64), np.zeros(1, bool))
+        for a in (job.src_off, job.dst_off, job.nbytes, job.folio, job.src_poisoned):
+            a.flags.writeable = False   # as migration's jobs: the compiled code loaded is theirs
+        times = []
+        for _ in range(2):      # the least of two: the first also warms (threads, buffers)
+            t0 = time.perf_counter()
+            run_engine(engine, job, 10.0)
+            times.append(time.perf_counter() - t0)
+        xs.append(size)
+        ys.append(min(times))
     slope, intercept = np.polyfit(np.array(xs, float), np.array(ys, float), 1)
     bandwidth = 1.0 / slope if slope > 0 else 1e12
     return _Model(max(float(intercept), min(ys) * 0.5, 1e-7), float(bandwidth), cpus)
@@ -226,23 +232,32 @@ class AutoEngine(Engine):
                 except (ValueError, EngineUnavailable) as e:
                     self.unavailable[spec] = str(e)
             self.engines = made
-            for spec in [s for s, e in made.items() if not e.capabilities.min_bytes]:
-                self._measure(spec)
+            scratch = _Scratch()
+            try:
+                for spec in [s for s, e in made.items() if not e.capabilities.min_bytes]:
+                    self._measure(spec, scratch)
+            finally:
+                scratch.close()
             return self.engines
 
-    def _measure(self, spec):
+    def _measure(self, spec, scratch=None):
         """Calibrate one candidate (an engine with a minimum batch size waits for the first
         batch it would take); one that cannot copy here is dropped, with the reason."""
         engine = self.engines[spec]
         probe = IdleCpus(self.cpus, period=0.0)
         probe()
+        own = scratch is None
         try:
-            model = _calibrate(engine, engine.capabilities.threads)
+            scratch = scratch or _Scratch()
+            model = _calibrate(engine, scratch, engine.capabilities.threads)
         except Exception as e:  # an engine that cannot copy here is no candidate
             self.unavailable[spec] = f"calibration failed: {type(e).__name__}: {e}"
             del self.engines[spec]
             engine.close()
             return
+        finally:
+            if own and scratch is not None:
+                scratch.close()
         free = probe()           # the CPUs that were free while it was measured
         model.cpus = max(1, min(model.cpus, free))
         self.models[spec] = model

@@ -64,9 +64,8 @@ CHUNKS_PER_THREAD = 16   # chunks per thread (more: a late thread still finds wo
 MIN_CHUNK = 16 << 10     # below this a claim's cost would show
 #: largest chunk of whole folios (a 2 MiB folio is one chunk whatever this says)
 MAX_CHUNK = 8 << 20
-#: a batch smaller than this is copied by the caller alone: waking a thread (futex wake,
-#: the other vCPU leaving idle: 15-20 us here) costs more than it saves (hot 64 KiB:
-#: 6.6 us alone, 21 us with 2 threads; 1 MiB: 28 vs 40 us)
+#: below this the caller copies alone: a wake (futex, an idle vCPU: 15-20 us here) costs
+#: more than it saves (hot 64 KiB: 6.6 us alone, 21 with 2 threads; 1 MiB: 28 vs 40 us)
 SOLO_BYTES = 1 << 20
 IDLE_EXIT = 5.0          # seconds a worker sleeps without a batch before it exits
 WAIT_LIMIT = 30.0        # seconds a caller waits for chunks claimed by running workers
@@ -376,7 +375,6 @@ def parse_threads(arg) -> int:
 
 class MtEngine(Engine):
     """Synchronous, mc-safe; the caller and ``nthreads - 1`` workers claim chunks."""
-
     def __init__(self, nthreads: int):
         self.nthreads = check_threads(int(nthreads))
         self.capabilities = Capabilities(asynchronous=False, threads=self.nthreads, mc_safe=True)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+from . import seed
 from .runner import PHASES
 
 CSV_FIELDS = ("page_size", "base_page", "folio_size", "count", "config", "bytes", "gbps", "gbps_min",
@@ -220,6 +221,9 @@ def format_report(res, spread=True) -> str:
     tg = format_targets(res)
     if tg:
         parts += ["", "Targets (best configuration over the ceiling):", tg]
+    sc = seed.format_comparison(res.get("seed_comparison") or [])
+    if sc:
+        parts += ["", sc]
     failed = [r for r in res.get("results", []) if not r["verified"] and not r.get("unavailable")]
     if failed:
         parts += ["", f"{len(failed)} cell(s) FAILED and are not counted:"]
@@ -269,6 +273,9 @@ def write_markdown(res, path, title="copyengine bench") -> None:
         tg = format_targets(res)
         if tg:
             f.write("## Targets (best configuration over the ceiling)\n\n" + tg + "\n")
+        sc = seed.format_comparison(res.get("seed_comparison") or [])
+        if sc:
+            f.write("\n## The seed side by side\n\n" + sc + "\n")
         failed = [r for r in res.get("results", []) if not r["verified"] and not r.get("unavailable")]
         if failed:
             f.write(f"\n## {len(failed)} failed cell(s), not counted\n\n")

@@ -47,6 +47,7 @@ import numpy as np
 from .. import trace
 from ..migrate.core import PHASES
 from . import scenarios as sc
+from . import seed as seed_tables
 from . import sysinfo
 
 SCHEMA = "copyengine-bench/1"
@@ -717,6 +718,7 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
                      "final_check_bytes": final_check_bytes, "seed": seed},
         "results": results,
         "targets": evaluate_targets(results, ceiling_gbps, memory),
+        "seed_comparison": seed_tables.compare(results, int(info.get("cores") or 1)),
         "elapsed_s": time.perf_counter() - t_start,
     }
     out["machine"]["loadavg_end"] = sysinfo.loadavg()

@@ -65,6 +65,11 @@ def add_arguments(p):
     p.add_argument("--no-spread", action="store_true", help="tables without the min-max spread")
     p.add_argument("--ceiling", metavar="GBPS", type=float,
                    help="use this ceiling (GB/s) instead of measuring it")
+    p.add_argument("--busy", metavar="K", type=_int_arg("--busy", 0), default=0,
+                   help="run K CPU-bound processes beside the bench for the whole run (default 0)")
+    p.add_argument("--batch", metavar="PAGES", type=_int_arg("--batch"),
+                   help="NR_MAX_BATCHED_MIGRATION for every machine of the run, in base pages "
+                        "(default: HPAGE_PMD_NR, 512 with 4 KiB pages, 8192 with 64 KiB)")
     return p
 
 
@@ -101,6 +106,7 @@ def _check_out(path, what):
 def run(args) -> int:
     """Run the bench for parsed ``args``; returns the exit status (0, 1 or 2)."""
     from . import report
+    from .busy import busy
     from .runner import BenchError, make_plan, run_bench
 
     for path, what in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot"),
@@ -127,10 +133,13 @@ def run(args) -> int:
 
     progress = False if args.no_progress else None
     try:
-        res = run_bench(page_sizes=args.page_size, counts=args.counts, configs=args.configs,
-                        repeat=args.repeat, quick=args.quick, warmup=args.warmup, progress=progress,
-                        plugin_manager=pm, ceiling=args.ceiling,
-                        log=(lambda m: print(m, file=sys.stderr)) if progress is None and sys.stderr.isatty() else None)
+        with busy(getattr(args, "busy", 0)) as load:
+            res = run_bench(page_sizes=args.page_size, counts=args.counts, configs=args.configs,
+                            repeat=args.repeat, quick=args.quick, warmup=args.warmup, progress=progress,
+                            plugin_manager=pm, ceiling=args.ceiling, batch=getattr(args, "batch", None),
+                            log=(lambda m: print(m, file=sys.stderr))
+                            if progress is None and sys.stderr.isatty() else None)
+        res["settings"]["busy"] = len(load)
     except BenchError as e:
         return _err(str(e))
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import math
 import os
 
 from . import seed
+from .overhead import format_overhead
 from .runner import PHASES
 
 CSV_FIELDS = ("page_size", "base_page", "folio_size", "count", "config", "bytes", "gbps", "gbps_min",
@@ -65,6 +66,13 @@ def format_header(res) -> str:
         lines.append(line)
     else:
         lines.append("ceiling: not measured")
+    st = res.get("settings", {})
+    if st.get("busy"):
+        lines.append(f"--busy {st['busy']}: {st['busy']} CPU-bound process(es) ran beside the bench throughout")
+    if st.get("batch"):
+        lines.append(f"--batch {st['batch']}: nr_max_batched_migration = {st['batch']} base pages")
+    if res.get("overhead"):
+        lines.append(format_overhead(res["overhead"]))
     over = [r for r in res.get("results", []) if (r.get("fraction") or 0) > 1.0]
     if over:
         lines.append(f"  << {len(over)} cell(s) above the ceiling: the ceiling was measured while the host "

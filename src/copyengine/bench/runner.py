@@ -48,6 +48,7 @@ from .. import trace
 from ..migrate.core import PHASES
 from . import scenarios as sc
 from . import seed as seed_tables
+from .overhead import measure_overhead
 from . import sysinfo
 
 SCHEMA = "copyengine-bench/1"
@@ -500,7 +501,7 @@ def _probe(configs, ps: sc.PageSize, pm) -> dict:
 def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=False, *,
               warmup=1, progress=None, plugin_manager=None, plugins=(), ceiling=None,
               full_check_bytes=16 * MiB, final_check_bytes=512 * MiB, seed=12345,
-              log=None) -> dict:
+              log=None, batch=None) -> dict:
     """Run the bench and return the results as a dict in the JSON schema (see README).
 
     :param page_sizes: tokens like ``"4KiB"``, ``"2MiB@64KiB"`` (list or comma string);
@@ -510,6 +511,8 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
     :param configs: engine specs (columns); default: vanilla, serial, mt:1..mt:CPUS,
         opencl, auto, and every other engine a plugin registers.
     :param repeat: timed runs per cell (default 5; quick 2), after ``warmup`` untimed ones.
+    :param batch: ``nr_max_batched_migration`` of every machine (base pages; default the
+        kernel's HPAGE_PMD_NR): the batch size whose windows and throughput are traded.
     :param progress: True/False, or None for "when stderr is a terminal".
     :param plugin_manager: the pluggy manager machines use (default: the process-wide one);
         ``plugins``: extra plugins (modules or dotted names) for a fresh manager.
@@ -545,6 +548,10 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
         ceil = dict(ceiling)
     else:
         ceil = {"gbps": float(ceiling), "method": "given by the caller"}
+
+    say("measuring the model's own overhead ...")
+    overhead = measure_overhead(folios=8192 if plan.quick else 65536, calls=50 if plan.quick else 300,
+                                repeat=2 if plan.quick else 5, plugin_manager=pm)
 
     # availability, per page size (an engine may refuse a base page size)
     avail = {}
@@ -587,6 +594,8 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
             try:
                 m = ce.Machine(nodes=2, node_size=_node_size(largest), page_size=ps.base_page,
                                plugin_manager=pm)
+                if batch is not None:
+                    m.settings["nr_max_batched_migration"] = batch
             except Exception as e:
                 for c in counts:
                     for s in live:
@@ -715,10 +724,11 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
         "settings": {"page_sizes": [ps.token for ps in plan.page_sizes], "counts": plan.counts,
                      "configs": plan.configs, "repeat": plan.repeat, "warmup": plan.warmup,
                      "quick": plan.quick, "full_check_bytes": full_check_bytes,
-                     "final_check_bytes": final_check_bytes, "seed": seed},
+                     "final_check_bytes": final_check_bytes, "seed": seed, "batch": batch},
         "results": results,
         "targets": evaluate_targets(results, ceiling_gbps, memory),
         "seed_comparison": seed_tables.compare(results, int(info.get("cores") or 1)),
+        "overhead": overhead,
         "elapsed_s": time.perf_counter() - t_start,
     }
     out["machine"]["loadavg_end"] = sysinfo.loadavg()

@@ -1,0 +1,70 @@
+"""Bench options added for issues 12 and 16: --busy K (the load starts, is counted, and is
+always killed), --batch (the machines' batch size), the model-overhead probe (its fields,
+no timing asserted), and the per-configuration cost columns (window, CPU)."""
+import os
+import pytest
+
+from copyengine.bench import cli as bench_cli
+from copyengine.bench.busy import busy
+from copyengine.bench.overhead import format_overhead, measure_overhead
+from copyengine.bench.runner import run_bench
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def test_busy_starts_k_processes_and_always_kills_them():
+    with busy(2) as pids:
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+    assert not any(_alive(p) for p in pids)
+    with pytest.raises(RuntimeError):
+        with busy(1) as pids:
+            raise RuntimeError("the bench failed")
+    assert not any(_alive(p) for p in pids)
+    with pytest.raises(ValueError):
+        with busy(-1):
+            pass
+
+
+def test_bench_busy_and_batch_are_recorded(tmp_path):
+    path = tmp_path / "r.json"
+    rc = bench_cli.main(["--quick", "--no-progress", "--configs", "serial", "--page-size", "4KiB",
+                         "--counts", "16", "--busy", "1", "--batch", "8", "--ceiling", "10",
+                         "--json", str(path)])
+    assert rc == 0
+    import json
+    res = json.loads(path.read_text())
+    assert res["settings"]["busy"] == 1 and res["settings"]["batch"] == 8
+    r = res["results"][0]
+    assert r["verified"] and r["window_p99_us"] >= r["window_p50_us"] > 0 and r["cpu_s_per_gib"] > 0
+    assert res["overhead"]["one_page_call_us"] > 0
+
+
+def test_bad_busy_and_batch_are_refused_with_exit_2(capsys):
+    for bad in (["--busy", "x"], ["--busy", "-1"], ["--batch", "0"]):
+        assert bench_cli.main(bad) == 2
+        assert bad[0] in capsys.readouterr().err
+
+
+def test_overhead_probe_reports_its_fields():
+    o = measure_overhead(folios=256, calls=5, repeat=1)
+    assert set(o) >= {"one_page_call_us", "query_call_us", "metadata_us_per_4k_folio", "targets", "met"}
+    assert o["one_page_call_us"] > 0 and o["query_call_us"] > 0
+    assert "per 4 KiB folio" in format_overhead(o)
+
+
+def test_the_batch_option_reaches_the_machines_and_every_cell_has_its_costs():
+    res = run_bench(page_sizes="4KiB", counts=[256], configs=["serial", "mt:2"], repeat=2, ceiling=10.0,
+                    progress=False, batch=8)
+    assert res["settings"]["batch"] == 8
+    for r in res["results"]:
+        assert r["verified"]
+        assert r["window_p50_us"] <= r["window_p99_us"] <= r["window_max_us"]
+        assert r["first_usable_us"] > 0 and r["cpu_s_per_gib"] > 0
+        assert r["engines_used"] == {r["config"]: 2 * 256 // 8}  # 32 batches of 8 per timed run

@@ -370,16 +370,39 @@ def test_eperm_other_uid(world, uid):
     assert r.nodes() == {1} and b.nodes() == {1} and r.intact() and b.intact()
 
 
-@pytest.mark.parametrize("old,new", [([0], [2]), ([2], [1]), ([0], [-1]), ([-1], [0]),
-                                     ([0, 64], [1]), ([0], [1, 1000])])
-def test_einval_nodes_outside_machine(world, old, new):
+@pytest.mark.parametrize("old,new", [([0], [2]), ([0], [1, 1000]), ([0, 64], [2])])
+def test_einval_new_nodes_outside_machine(world, old, new):
+    """As kernel_migrate_pages: the process is looked up (ESRCH, then ptrace's EPERM)
+    before new_nodes is checked against the machine's nodes (EINVAL)."""
     m, p, r, b = world
     other = m.spawn(uid=5)
     s0 = snapshot(m)
     raises_errno(errno.EINVAL, p.migrate_pages, 0, old, new)
-    raises_errno(errno.EINVAL, p.migrate_pages, 99999, old, new)   # before ESRCH
-    raises_errno(errno.EINVAL, other.migrate_pages, p.pid, old, new)  # before EPERM
+    raises_errno(errno.ESRCH, p.migrate_pages, 99999, old, new)
+    raises_errno(errno.EPERM, other.migrate_pages, p.pid, old, new)
     assert_unchanged(s0, snapshot(m))
+
+
+@pytest.mark.parametrize("old,new", [([0], [-1]), ([-1], [0])])
+def test_einval_negative_node_before_lookup(world, old, new):
+    """A negative id is a malformed mask (get_nodes): EINVAL before the lookup."""
+    m, p, r, b = world
+    s0 = snapshot(m)
+    raises_errno(errno.EINVAL, p.migrate_pages, 0, old, new)
+    raises_errno(errno.EINVAL, p.migrate_pages, 99999, old, new)
+    assert_unchanged(s0, snapshot(m))
+
+
+@pytest.mark.parametrize("old", [[2], [0, 64], [0, 2, 1000]])
+def test_absent_old_nodes_ignored(world, old):
+    """Node ids in old_nodes that do not exist are ignored, as in the kernel."""
+    m, p, r, b = world
+    assert p.migrate_pages(0, old, [1]) == 0
+    if 0 in old:
+        assert r.nodes() == {1} and b.nodes() == {1}
+    else:
+        assert r.nodes() == {0}
+    assert r.intact() and b.intact()
 
 
 @pytest.mark.parametrize("args", [(0, [0.0], [1]), (0, [0], ["1"]), (0, 0, [1]), (0, [0], 1),

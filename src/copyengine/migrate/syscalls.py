@@ -334,13 +334,20 @@ def node_remap(s, old, new):
 
 def migrate_pages(caller, pid, old_nodes, new_nodes) -> int:
     """migrate_pages(2): move every page of process ``pid`` on ``old_nodes`` to
-    ``new_nodes`` (do_migrate_pages' pairing). Returns the folios not migrated."""
+    ``new_nodes`` (do_migrate_pages' pairing). Returns the folios not migrated.
+
+    As kernel_migrate_pages: the masks are parsed first (a malformed one is EINVAL or
+    TypeError), then the process is looked up (ESRCH, EPERM), and only then must
+    ``new_nodes`` be nodes of the machine (EINVAL); absent ids in ``old_nodes`` are ignored."""
     m = caller.machine
-    old = _node_mask(m, old_nodes, "old_nodes")
-    new = _node_mask(m, new_nodes, "new_nodes")
+    old, _ = _node_mask(m, old_nodes, "old_nodes")
+    new, absent = _node_mask(m, new_nodes, "new_nodes")
     with m.lock:
         caller._enter()
         target = find_mm_struct(caller, pid)
+        if absent:
+            raise oserror(errno.EINVAL, f"new_nodes names node {min(absent)}; this machine has "
+                                        f"nodes 0..{m.nodes - 1}")
         if not new <= target.mems_allowed and not caller.cap_sys_nice:
             raise oserror(errno.EPERM, "new_nodes outside the target's cpuset need cap_sys_nice")
         new = new & caller.mems_allowed
@@ -350,11 +357,17 @@ def migrate_pages(caller, pid, old_nodes, new_nodes) -> int:
 
 
 def _node_mask(m, nodes, what):
-    """Machine.node_set's checks, with EINVAL (as get_nodes gives) for a bad node id."""
+    """get_nodes: Machine.node_set's type checks, EINVAL for a negative id (no bitmask
+    holds one). Returns (the nodes of the machine named, the ids >= the machine's nodes)."""
+    if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
+        raise TypeError(f"{what} must be an iterable of ints, not {type(nodes).__name__}")
+    nodes = list(nodes)
+    absent = [isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= m.nodes for n in nodes]
     try:
-        return m.node_set(nodes, what)
+        here = m.node_set([n for n, a in zip(nodes, absent) if not a], what)
     except ValueError as e:
         raise oserror(errno.EINVAL, str(e)) from None
+    return here, frozenset(int(n) for n, a in zip(nodes, absent) if a)
 
 
 def migrate_pairs(old, new):

@@ -44,10 +44,14 @@ def build_copy_job(b, sel) -> CopyJob:
     src, dst, nr = b.src[sel], b.dst[sel], b.nr[sel]
     poisoned = np.empty(len(sel), np.bool_)
     kernels.folios_poisoned(sel, b.src, b.nr, mm.flags, poisoned)
-    job = CopyJob(m.mem, src * ps, dst * ps, nr * ps, np.arange(len(sel), dtype=np.int64), poisoned)
-    for a in (job.src_off, job.dst_off, job.nbytes, job.folio, job.src_poisoned):
-        a.flags.writeable = False
-    return job
+    return CopyJob(m.mem, _frozen(src * ps), _frozen(dst * ps), _frozen(nr * ps),
+                   _frozen(np.arange(len(sel), dtype=np.int64)), _frozen(poisoned))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """A read-only copy over immutable bytes: unlike a read-only flag on an array that
+    owns its data, no ``setflags(write=True)`` can make it writable again."""
+    return np.frombuffer(a.tobytes(), dtype=a.dtype)
 
 
 def select_copy_engine(b, sel, d: Dispatch):

@@ -68,3 +68,23 @@ def test_the_batch_option_reaches_the_machines_and_every_cell_has_its_costs():
         assert r["window_p50_us"] <= r["window_p99_us"] <= r["window_max_us"]
         assert r["first_usable_us"] > 0 and r["cpu_s_per_gib"] > 0
         assert r["engines_used"] == {r["config"]: 2 * 256 // 8}  # 32 batches of 8 per timed run
+
+
+def test_trace_writes_a_chrome_trace_of_the_first_row(tmp_path):
+    import json
+    path = tmp_path / "t.json"
+    rc = bench_cli.main(["--quick", "--no-progress", "--configs", "serial,mt:2", "--page-size", "4KiB",
+                         "--counts", "1024,2048", "--ceiling", "10", "--trace", str(path),
+                         "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    doc = json.loads(path.read_text())
+    ev = doc["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "process_name"}
+    assert sorted(procs.values()) == ["mt:2 (4KiB x1024)", "serial (4KiB x1024)"]
+    for pid in procs:
+        slices = [e for e in ev if e["pid"] == pid and e["ph"] == "X"]
+        assert slices and min(e["ts"] for e in slices) >= 0
+        assert {e["name"].split(" ")[0] for e in slices} >= {"unmap", "copy", "finalize"}
+        calls = [e for e in ev if e["pid"] == pid and e["ph"] == "i"]
+        assert len(calls) == 1 and calls[0]["args"]["succeeded"] == 1024
+    assert "timeline" not in json.loads((tmp_path / "r.json").read_text())

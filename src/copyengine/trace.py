@@ -78,12 +78,15 @@ class Recorder:
                 "first_usable_p50_us": pct(f, 50)}
 
     # -- the timeline
-    def chrome_trace(self) -> dict:
+    def chrome_trace(self, pid=None, name="copyengine", t0=None) -> dict:
         """The trace-event JSON object: one track per thread, one complete ("X") slice per
-        phase of every batch, and one instant ("i") event per call with its fields."""
-        pid = os.getpid()
-        us = (lambda t: (t - self.t0) * 1e6)
-        events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": "copyengine"}}]
+        phase of every batch, and one instant ("i") event per call with its fields. ``pid``
+        and ``name`` label the process track (several recorders can share one file, see
+        :func:`merge`); ``t0`` is the time that becomes 0 (default: when recording began)."""
+        pid = os.getpid() if pid is None else pid
+        base = self.t0 if t0 is None else t0
+        us = (lambda t: (t - base) * 1e6)
+        events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}]
         tids = {}
         for b in self.batches:
             tid = tids.setdefault(b[0], len(tids) + 1)
@@ -105,6 +108,11 @@ class Recorder:
     def write_chrome_trace(self, path) -> None:
         with open(path, "w") as f:
             json.dump(self.chrome_trace(), f)
+
+
+def merge(traces) -> dict:
+    """Several :meth:`Recorder.chrome_trace` objects as one file's object."""
+    return {"traceEvents": [e for t in traces for e in t["traceEvents"]], "displayTimeUnit": "ms"}
 
 
 @contextmanager

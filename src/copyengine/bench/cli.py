@@ -65,6 +65,9 @@ def add_arguments(p):
     p.add_argument("--no-spread", action="store_true", help="tables without the min-max spread")
     p.add_argument("--ceiling", metavar="GBPS", type=float,
                    help="use this ceiling (GB/s) instead of measuring it")
+    p.add_argument("--trace", metavar="PATH.json",
+                   help="write the first row's last timed run of every configuration as a Chrome "
+                        "trace-event file (open it in Perfetto or chrome://tracing)")
     p.add_argument("--busy", metavar="K", type=_int_arg("--busy", 0), default=0,
                    help="run K CPU-bound processes beside the bench for the whole run (default 0)")
     p.add_argument("--batch", metavar="PAGES", type=_int_arg("--batch"),
@@ -110,7 +113,7 @@ def run(args) -> int:
     from .runner import BenchError, make_plan, run_bench
 
     for path, what in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot"),
-                       (getattr(args, "markdown", None), "--markdown")):
+                       (getattr(args, "markdown", None), "--markdown"), (getattr(args, "trace", None), "--trace")):
         msg = _check_out(path, what)
         if msg:
             return _err(msg)
@@ -156,6 +159,8 @@ def run(args) -> int:
             report.write_markdown(res, args.markdown)
         if args.plot:
             report.write_plot(res, args.plot)
+        if getattr(args, "trace", None):
+            report.write_trace(res, args.trace)
     except OSError as e:
         print(f"copyengine bench: error: cannot write results: {e}", file=sys.stderr)
         return 1

@@ -259,9 +259,16 @@ def _clean(x):
 
 
 def write_json(res, path) -> None:
+    """Everything but the timeline (``--trace`` writes that)."""
     with open(path, "w") as f:
-        json.dump(_clean(res), f, indent=1, sort_keys=False)
+        json.dump(_clean({k: v for k, v in res.items() if k != "timeline"}), f, indent=1, sort_keys=False)
         f.write("\n")
+
+
+def write_trace(res, path) -> None:
+    """The run's timeline (Chrome trace-event JSON), or an empty one if nothing ran."""
+    with open(path, "w") as f:
+        json.dump(res.get("timeline") or {"traceEvents": [], "displayTimeUnit": "ms"}, f)
 
 
 def write_csv(res, path) -> None:

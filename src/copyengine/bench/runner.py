@@ -410,6 +410,7 @@ class Cell:
     cpu: list = field(default_factory=list)          # CPU seconds of each timed run
     windows: list = field(default_factory=list)      # per timed run: every folio's window, us
     first_usable: list = field(default_factory=list)  # per timed run: call start -> first remap, us
+    recorder: object = None                           # the last timed run's trace.Recorder
 
     @property
     def nbytes(self):
@@ -652,6 +653,7 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
                                     cell.first_usable.extend(wl.recorder.first_usable_us().tolist())
                                     for b in wl.recorder.batches:
                                         cell.engines_used[b[9]] = cell.engines_used.get(b[9], 0) + 1
+                                    cell.recorder = wl.recorder  # the last timed run, for --trace
                                 bar.advance(nbytes)
                                 done_units += nbytes
                         except VerifyError as e:
@@ -712,6 +714,7 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
                            for w, c in samples]
     ceiling_gbps = float(ceil["gbps"]) if ceil.get("gbps") else None
     results = [c.to_json(ceiling_gbps) for c in cells]
+    timeline = _timeline(cells)
     order = {(ps.token): i for i, ps in enumerate(plan.page_sizes)}
     corder = {s: i for i, s in enumerate(plan.configs)}
     results.sort(key=lambda r: (order[r["page_size"]], r["count"], corder.get(r["config"], 1 << 30)))
@@ -729,11 +732,24 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
         "targets": evaluate_targets(results, ceiling_gbps, memory),
         "seed_comparison": seed_tables.compare(results, int(info.get("cores") or 1)),
         "overhead": overhead,
+        "timeline": timeline,
         "elapsed_s": time.perf_counter() - t_start,
     }
     out["machine"]["loadavg_end"] = sysinfo.loadavg()
     out["machine"]["memory"] = memory   # the spec names "machine"/"memory"; both point at it
     return out
+
+
+def _timeline(cells) -> dict | None:
+    """The Chrome trace of the first row the bench ran: the last timed run of each
+    configuration, one process track per configuration, each starting at 0."""
+    first = next((c for c in cells if c.recorder is not None), None)
+    if first is None:
+        return None
+    row = [c for c in cells if (c.ps.token, c.count) == (first.ps.token, first.count) and c.recorder]
+    return trace.merge(c.recorder.chrome_trace(pid=i + 1, name=f"{c.config} ({c.ps.token} x{c.count})",
+                                               t0=c.recorder.batches[0][1] if c.recorder.batches else None)
+                       for i, c in enumerate(row))
 
 
 # --------------------------------------------------------------------------- targets

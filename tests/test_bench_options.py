@@ -88,3 +88,21 @@ def test_trace_writes_a_chrome_trace_of_the_first_row(tmp_path):
         calls = [e for e in ev if e["pid"] == pid and e["ph"] == "i"]
         assert len(calls) == 1 and calls[0]["args"]["succeeded"] == 1024
     assert "timeline" not in json.loads((tmp_path / "r.json").read_text())
+
+
+def test_tradeoff_runs_one_row_at_several_batch_sizes_and_plots_it(tmp_path):
+    from copyengine.bench import report
+    from copyengine.bench.runner import BenchError
+    from copyengine.bench.tradeoff import batch_sizes, format_tradeoff, run_tradeoff, write_tradeoff_plot
+    assert batch_sizes(4096, 4096) == [16, 64, 256, 512, 2048]
+    assert batch_sizes(65536, 64) == [256, 1024, 4096, 8192]
+    t = run_tradeoff("4KiB:256", configs=["serial", "mt:2"], repeat=1, ceiling=10.0)
+    assert {(p["config"], p["batch"]) for p in t["points"]} == {
+        (c, b) for c in ("serial", "mt:2") for b in (16, 64, 256, 512)}
+    assert all(p["gbps"] > 0 and p["window_p99_us"] > 0 for p in t["points"])
+    assert "| serial |" in format_tradeoff(t)
+    if report.plot_available() is None:
+        write_tradeoff_plot(t, tmp_path / "t.png")
+        assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(BenchError):
+        run_tradeoff("4KiB-256")

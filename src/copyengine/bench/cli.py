@@ -68,6 +68,11 @@ def add_arguments(p):
     p.add_argument("--trace", metavar="PATH.json",
                    help="write the first row's last timed run of every configuration as a Chrome "
                         "trace-event file (open it in Perfetto or chrome://tracing)")
+    p.add_argument("--tradeoff", metavar="PATH.png",
+                   help="also run one row at several batch sizes and plot GB/s against the p99 "
+                        "unavailability window, one line per configuration (needs matplotlib)")
+    p.add_argument("--tradeoff-row", metavar="SIZE:COUNT", default="4KiB:4096",
+                   help="the row --tradeoff runs (default 4KiB:4096)")
     p.add_argument("--busy", metavar="K", type=_int_arg("--busy", 0), default=0,
                    help="run K CPU-bound processes beside the bench for the whole run (default 0)")
     p.add_argument("--batch", metavar="PAGES", type=_int_arg("--batch"),
@@ -111,14 +116,15 @@ def run(args) -> int:
     from . import report
     from .busy import busy
     from .runner import BenchError, make_plan, run_bench
+    from .tradeoff import format_tradeoff, run_tradeoff, write_tradeoff_plot
 
     for path, what in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot"),
                        (getattr(args, "markdown", None), "--markdown"), (getattr(args, "trace", None), "--trace")):
         msg = _check_out(path, what)
         if msg:
             return _err(msg)
-    if args.plot:
-        msg = report.plot_available()
+    if args.plot or getattr(args, "tradeoff", None):
+        msg = report.plot_available() or _check_out(getattr(args, "tradeoff", None), "--tradeoff")
         if msg:
             return _err(msg)
     if args.ceiling is not None and not args.ceiling > 0:
@@ -142,6 +148,10 @@ def run(args) -> int:
                             plugin_manager=pm, ceiling=args.ceiling, batch=getattr(args, "batch", None),
                             log=(lambda m: print(m, file=sys.stderr))
                             if progress is None and sys.stderr.isatty() else None)
+            if getattr(args, "tradeoff", None):
+                res["tradeoff"] = run_tradeoff(args.tradeoff_row, configs=args.configs,
+                                               repeat=min(args.repeat or 3, 3), plugin_manager=pm,
+                                               ceiling=res.get("ceiling_gbps"), progress=progress)
         res["settings"]["busy"] = len(load)
     except BenchError as e:
         return _err(str(e))
@@ -150,6 +160,8 @@ def run(args) -> int:
         return 130
 
     print(report.format_report(res, spread=not args.no_spread))
+    if res.get("tradeoff"):
+        print("\n" + format_tradeoff(res["tradeoff"]))
     try:
         if args.json:
             report.write_json(res, args.json)
@@ -161,6 +173,8 @@ def run(args) -> int:
             report.write_plot(res, args.plot)
         if getattr(args, "trace", None):
             report.write_trace(res, args.trace)
+        if res.get("tradeoff"):
+            write_tradeoff_plot(res["tradeoff"], args.tradeoff)
     except OSError as e:
         print(f"copyengine bench: error: cannot write results: {e}", file=sys.stderr)
         return 1

@@ -85,11 +85,27 @@ def test_fork_of_the_zero_page(machine):
     a = p.mmap(2 * PS, populate=False)
     p.read(a, 2 * PS)
     c = p.fork()
+    # Only the zero page was ever mapped: no anon_vma, so fork copied no PTEs
+    # (vma_needs_copy); the child maps the zero page on its own first read.
+    raises_errno(errno.ENOENT, c.pfn_of, a)
+    c.read(a, 1)
     assert c.pfn_of(a) == m.zero_pfn
     c.write(a + 1, b"c")
     assert c.read(a, 3) == b"\0c\0" and p.read(a, 3) == b"\0\0\0"
-    assert p.pfn_of(a) == m.zero_pfn
-    assert c.pfn_of(a + PS) == m.zero_pfn
+    assert p.pfn_of(a) == m.zero_pfn and p.pfn_of(a + PS) == m.zero_pfn
+    raises_errno(errno.ENOENT, c.pfn_of, a + PS)
+
+
+def test_fork_after_an_anonymous_page_copies_zero_page_ptes(machine):
+    """Once the VMA has an anon_vma (one page written), fork copies every PTE, the
+    zero-page ones too."""
+    m = machine
+    p = m.spawn()
+    a = p.mmap(2 * PS, populate=False)
+    p.read(a, PS)
+    p.write(a + PS, b"x")
+    c = p.fork()
+    assert c.pfn_of(a) == m.zero_pfn and c.pfn_of(a + PS) == p.pfn_of(a + PS)
 
 
 def test_fork_of_untouched_memory(machine):

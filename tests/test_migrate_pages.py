@@ -207,6 +207,8 @@ def test_shared_folios_skipped_without_cap_sys_nice(shared):
         s = Region(p, 8 * PS, 0, 11, shared=shared)
         sb = Region(p, 2 * MiB, 0, 12, shared=shared, folio_size="2MiB")
         c = p.fork()
+        if shared:  # fork copied no PTEs of the shared mappings: the child maps them now
+            assert s.intact(c) and sb.intact(c)
         own = Region(p, 8 * PS, 0, 13)           # mapped by p only
         spf = s.pfns()
         st = mig(m)
@@ -244,8 +246,10 @@ def test_shared_folios_moved_with_cap_sys_nice(shared):
     with machine(2) as m:
         p = m.spawn(cap_sys_nice=True)
         s = Region(p, 8 * PS, 0, 14, shared=shared)
-        sb = Region(p, 2 * MiB, 0, 15, shared=shared, folio_size="2MiB")
+        sb = Region(p, 2 * MiB, 0, 12, shared=shared, folio_size="2MiB")
         c = p.fork()
+        if shared:  # fork copied no PTEs of the shared mappings: the child maps them now
+            assert s.intact(c) and sb.intact(c)
         st = mig(m)
         assert p.migrate_pages(c.pid, [0], [1]) == 0
         mig_delta(st, m, pgmigrate_success=8 + 512, thp_migration_success=1)

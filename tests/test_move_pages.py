@@ -437,6 +437,7 @@ def test_map_shared_across_fork(machine):
     # mapped by one process only: MOVE moves it
     assert p.move_pages(0, [a], [1]).status == [1]
     c = p.fork()
+    assert c.read(a, n * PS) == data  # fork copied no PTEs (vma_needs_copy): map them in the child
     before = m.vmstat
     r = c.move_pages(0, addrs(a, n), [1] * n)
     assert r.status == [1] + [-EACCES] * (n - 1)   # already there / shared
@@ -467,6 +468,7 @@ def test_map_shared_2m_folios_move_all(machine):
     data = pattern(2 * MiB, 17)
     p.write(a, data)
     c = p.fork()
+    assert c.read(a, 2 * MiB) == data  # fork copied no PTEs (vma_needs_copy): map them in the child
     st = mig(m)
     assert p.move_pages(0, [a], [1]).status == [-EACCES]
     r = p.move_pages(0, [a + MiB], [1], flags=ce.MPOL_MF_MOVE_ALL)

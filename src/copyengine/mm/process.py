@@ -266,13 +266,16 @@ class Process:
         released, orphans = [], []
         for s in segs:
             vma = s.vma
+            pmds = self._split_shmem_pmds(vma, s.i0, s.i1)  # before the zap changes the PTEs
             released.append(self._zap(vma, s.i0, s.i1))
+            for lo, hi in pmds:
+                released.append(self._zap(vma, lo, hi))
             self._remove_vma(vma)
             for lo, hi in ((0, s.i0), (s.i1, vma.npages)):
                 if hi > lo:
                     self._insert_vma(Vma(self, vma.start + (lo << shift), vma.start + (hi << shift),
                                          vma.node, vma.order, vma.obj, vma.pgoff + lo,
-                                         vma.ptes[lo:hi]))  # a view: page tables outlive VMAs
+                                         vma.ptes[lo:hi], vma.anon_vma))  # a view: page tables outlive VMAs
             if not vma.obj.vmas:
                 orphans.append(vma.obj)
         # Drop the PTE references first, then the page cache's: releasing an object
@@ -281,6 +284,36 @@ class Process:
             self._release_folios(np.concatenate(released))
         for obj in orphans:
             self._release_object(obj)
+
+    def _pmd_order(self):
+        """The folio order of a PMD mapping (2 MiB)."""
+        return (21 - self.machine.page_shift) if self.machine.page_shift <= 21 else -1
+
+    def _split_shmem_pmds(self, vma, i0, i1):
+        """__split_huge_pmd of a file (shmem) mapping: unmapping [i0, i1) of ``vma`` cuts
+        a PMD that maps a 2 MiB shmem folio; the kernel just clears such a PMD (the pages
+        stay in the page cache and fault in again). Returns the page ranges to zap."""
+        o = self._pmd_order()
+        if not vma.shared or vma.order != o or o <= 0:
+            return []
+        nr = 1 << o
+        mm = self.machine.mem_map
+        base = vma.start >> self.machine.page_shift
+        out = set()
+        for b in {i0, i1}:
+            if not 0 < b < vma.npages or (base + b) % nr == 0:
+                continue  # the cut is at the VMA's edge or on a PMD boundary
+            a0 = ((base + b) // nr) * nr - base
+            if a0 < 0 or a0 + nr > vma.npages:
+                continue  # never PMD-mapped: the range is not inside the VMA
+            ptes = vma.ptes[a0:a0 + nr]
+            if not (ptes & PTE_PRESENT).all():
+                continue
+            pfns = pte_pfn(ptes)
+            h = int(mm.head[pfns[0]])
+            if int(mm.order[h]) == o and pfns[0] == h and (pfns == h + np.arange(nr)).all():
+                out.add((a0, a0 + nr))
+        return sorted(out)
 
     def _zap(self, vma, i0, i1) -> np.ndarray:
         """zap_pte_range: clear PTEs, drop map counts and references; returns the heads touched."""
@@ -344,7 +377,8 @@ class Process:
         if len(cur) and (mm.flags[cur] & PG_hwpoison).any():
             bad = cur[(mm.flags[cur] & PG_hwpoison) != 0][0]
             raise oserror(EHWPOISON, f"frame {bad} is poisoned")
-        plan = {"new": [], "zero": None, "map_cached": None, "reuse": None, "cow": None}
+        plan = {"new": [], "zero": None, "map_cached": None, "reuse": None, "cow": None,
+                "huge_zero": False}
         none_idx = np.nonzero(~present)[0] + seg.i0
         if len(none_idx):
             if vma.shared:
@@ -356,13 +390,15 @@ class Process:
                     if (mm.flags[cp] & PG_hwpoison).any():
                         raise oserror(EHWPOISON, "a page of the shared object is poisoned")
                     plan["map_cached"] = (none_idx[have], cp)
+                if not write:
+                    self._fault_around(seg, none_idx, plan)
                 holes = none_idx[~have]
                 if len(holes):
                     plan["new"] = self._plan_new(vma, holes, cache=vma.obj.cache)
             elif write:
                 plan["new"] = self._plan_new(vma, none_idx, cache=None)
             else:
-                plan["zero"] = none_idx
+                plan["zero"] = self._huge_zero(vma, none_idx, plan)
         if write and not vma.shared:
             ro = present & ((ptes & PTE_WRITE) == 0)
             if ro.any():
@@ -379,6 +415,59 @@ class Process:
                 plan["cow"] = (idx[~excl], old[~excl])
         seg.plan = plan
         return plan
+
+    def _huge_zero(self, vma, idx, plan):
+        """do_huge_pmd_anonymous_page on a read fault: a 2 MiB-aligned range wholly inside
+        a THP-eligible private VMA with no page mapped maps the huge zero page (all its
+        pages read as the zero page; a write later splits it into base pages). It
+        prepares the VMA's anon_vma (vmf_anon_prepare). Returns the pages to map to zero."""
+        o = self._pmd_order()
+        if vma.order != o or o <= 0:
+            return idx
+        nr = 1 << o
+        base = vma.start >> self.machine.page_shift
+        first = (np.unique((base + idx) >> o) << o) - base
+        first = first[(first >= 0) & (first + nr <= vma.npages)]
+        whole = [f for f in first.tolist() if not vma.ptes[f:f + nr].any()]
+        if not whole:
+            return idx
+        plan["huge_zero"] = True
+        big = (np.array(whole, np.int64)[:, None] + np.arange(nr)[None, :]).ravel()
+        return np.union1d(idx, big)
+
+    def _fault_around(self, seg, idx, plan):
+        """do_fault_around on a read fault of a shared page: the PTEs of the window of
+        fault_around_bytes (64 KiB) around each faulting page, clamped to the VMA and its
+        page table, map the pages already in the page cache (filemap_map_pages skips
+        poisoned and locked ones). Adds them to plan["map_cached"]."""
+        m = self.machine
+        mm = m.mem_map
+        vma = seg.vma
+        nr = max(1, (64 << 10) >> m.page_shift)
+        ptrs = m.page_size // 8  # PTRS_PER_PTE
+        base = vma.start >> m.page_shift
+        pte_off = (base + idx) % ptrs
+        start = np.maximum(pte_off - pte_off % nr, pte_off - np.minimum(pte_off, idx)) - pte_off + idx
+        stop = np.minimum(np.minimum(start + nr, idx - pte_off + ptrs), vma.npages)
+        want = np.zeros(vma.npages, bool)
+        for a, b in set(zip(start.tolist(), stop.tolist())):
+            want[a:b] = True
+        want[seg.i0:seg.i1] = False  # the access's own pages are planned already
+        cand = np.nonzero(want & (vma.ptes == 0))[0]
+        if not len(cand):
+            return
+        pfns = vma.obj.cache[vma.pgoff + cand]
+        ok = pfns >= 0
+        cand, pfns = cand[ok], pfns[ok]
+        if len(pfns):
+            ok = ((mm.flags[pfns] & PG_hwpoison) == 0) & ((mm.flags[mm.head[pfns]] & PG_locked) == 0)
+            cand, pfns = cand[ok], pfns[ok]
+        if not len(cand):
+            return
+        if plan["map_cached"] is not None:
+            cand = np.concatenate((plan["map_cached"][0], cand))
+            pfns = np.concatenate((plan["map_cached"][1], pfns))
+        plan["map_cached"] = (cand, pfns)
 
     def _folio_exclusive(self, h):
         mm = self.machine.mem_map
@@ -465,6 +554,8 @@ class Process:
         shift = m.page_shift
         ps = m.page_size
         fresh = []
+        if not obj.shared and (p["new"] or p["huge_zero"] or p.get("cow_heads") is not None):
+            vma.anon_vma = True  # anon_vma_prepare
         for (order, idx), heads in zip(p["new"], p["heads"]):
             nr = 1 << order
             pfns = (heads[:, None] + np.arange(nr)[None, :]).ravel() if nr > 1 else heads
@@ -653,8 +744,10 @@ class Process:
 
     # ------------------------------------------------------------------ fork / exit
     def fork(self) -> "Process":
-        """A child with a copy of the address space: shared mappings stay shared, private
-        pages are shared copy-on-write, and pinned private pages are copied at once."""
+        """A child with a copy of the address space (dup_mmap): shared mappings stay shared,
+        private pages are shared copy-on-write, and pinned private pages are copied at once.
+        As copy_page_range's vma_needs_copy, a VMA without an anon_vma (every shared one, a
+        private one that mapped only the zero page) copies no page-table entries."""
         m = self.machine
         mm = m.mem_map
         with m.lock:
@@ -664,7 +757,7 @@ class Process:
             copies = []
             try:
                 for vma in self.vmas:
-                    if vma.shared:
+                    if vma.shared or not vma.anon_vma:
                         continue
                     present = np.nonzero((vma.ptes & PTE_PRESENT) != 0)[0]
                     pfns = pte_pfn(vma.ptes[present])
@@ -683,7 +776,14 @@ class Process:
             copied = {id(c[0]): c for c in copies}
             ps = m.page_size
             for vma in self.vmas:
-                cv = Vma(child, vma.start, vma.end, vma.node, vma.order, vma.obj, vma.pgoff, vma.ptes.copy())
+                if vma.shared or not vma.anon_vma:
+                    # vma_needs_copy: no anon_vma, no page-table entries copied; the child
+                    # maps these pages on its first touch.
+                    child._insert_vma(Vma(child, vma.start, vma.end, vma.node, vma.order, vma.obj,
+                                          vma.pgoff, np.zeros_like(vma.ptes)))
+                    continue
+                cv = Vma(child, vma.start, vma.end, vma.node, vma.order, vma.obj, vma.pgoff,
+                         vma.ptes.copy(), True)
                 present = (vma.ptes & PTE_PRESENT) != 0
                 pfns = pte_pfn(vma.ptes[present])
                 share = pfns != m.zero_pfn

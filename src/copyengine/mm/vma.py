@@ -42,13 +42,18 @@ class Vma:
 
     ``pgoff`` is the page offset of ``start`` inside ``obj``; the PTE of the page at
     ``start + i * page_size`` is ``ptes[i]``. ``order`` is the folio order faults use.
+    ``anon_vma`` says whether the VMA has an anon_vma (vma->anon_vma != NULL): a private
+    VMA gets one on its first anonymous folio (anon_vma_prepare; a 4 KiB zero-page read
+    fault does not prepare one, a huge zero page fault does); a shared one never has one.
+    fork copies page-table entries only of VMAs that have one (vma_needs_copy).
     """
 
-    __slots__ = ("mm", "start", "end", "node", "order", "obj", "pgoff", "ptes")
+    __slots__ = ("mm", "start", "end", "node", "order", "obj", "pgoff", "ptes", "anon_vma")
 
-    def __init__(self, mm, start, end, node, order, obj, pgoff, ptes):
+    def __init__(self, mm, start, end, node, order, obj, pgoff, ptes, anon_vma=False):
         self.mm, self.start, self.end, self.node, self.order = mm, start, end, node, order
         self.obj, self.pgoff, self.ptes = obj, pgoff, ptes
+        self.anon_vma = anon_vma
 
     @property
     def shared(self) -> bool:

@@ -57,6 +57,7 @@ def test_mt_alone_is_every_usable_cpu():
         assert m.engine.nthreads == MAXT
         assert m.engine.capabilities.threads == MAXT
         assert m.engine.capabilities.mc_safe and not m.engine.capabilities.asynchronous
+        assert m.engine.capabilities.inline_bytes == SOLO_BYTES    # copies alone below it
 
 
 @pytest.mark.parametrize("arg", ["0", "-1", "two", "1.5", "0x2"])

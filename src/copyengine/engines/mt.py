@@ -377,7 +377,8 @@ class MtEngine(Engine):
     """Synchronous, mc-safe; the caller and ``nthreads - 1`` workers claim chunks."""
     def __init__(self, nthreads: int):
         self.nthreads = check_threads(int(nthreads))
-        self.capabilities = Capabilities(asynchronous=False, threads=self.nthreads, mc_safe=True)
+        self.capabilities = Capabilities(asynchronous=False, threads=self.nthreads, mc_safe=True,
+                                         inline_bytes=SOLO_BYTES)  # below it: the calling CPU alone
         self._tls = threading.local()
         self.nt_bytes = NT_BYTES
         self._pool = None

@@ -198,3 +198,24 @@ def test_machine_refuses_bad_frames_and_leaks_nothing(kind):
         assert m.free_pages() == free and m.vmstat["pgalloc"] == stat
         assert p.read(a, 4) == b"keep"
         check_machine(m)
+
+
+def test_refused_frames_name_the_one_plugin_that_returned_them():
+    from copyengine.plugins import make_plugin_manager
+
+    class Quiet:      # implements the hook but lets the next one decide
+        @ce.hookimpl
+        def copyengine_alloc_frames(self, machine, node, order, count):
+            return None
+
+    bad = BadAlloc(lambda m, node, order, count: np.array([m.zero_pfn]))
+    pm = make_plugin_manager(entry_points=False)
+    pm.register(Quiet(), name="quiet-allocator")
+    pm.register(bad, name="zero-giver")
+    bad.armed = True
+    with ce.Machine(nodes=2, node_size="8MiB", plugin_manager=pm, engine="serial") as m:
+        p = m.spawn()
+        with pytest.raises(PluginError) as ei:
+            p.mmap(m.page_size)
+        msg = str(ei.value)
+        assert "(zero-giver)" in msg and "quiet-allocator" not in msg

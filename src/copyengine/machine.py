@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 
 from .errors import EngineUnavailable, MachineClosedError, PluginError, oserror
-from .hookcheck import check_frames, hook_plugins, reclaimable_frames
+from .hookcheck import check_frames, hook_plugins, plugin_label, reclaimable_frames
 from .migrate.quarantine import release_quarantine
 from .mm.buddy import BuddyAllocator
 from .mm.folio_ops import free_folios
@@ -32,6 +32,16 @@ VMSTAT_COUNTERS = (
     "nr_hwpoison", "copy_engine_errors", "copy_fallback_folios", "copy_below_min_bytes_folios",
     "copy_quarantined_pages", "nr_quarantined_pages",
 )
+
+
+def _monitored(pm) -> bool:
+    """Hook calls are traced or monitored (pm.enable_tracing, add_hookcall_monitoring):
+    then hooks go through pluggy's own dispatch, which reports them."""
+    try:
+        from pluggy._callers import _multicall
+    except ImportError:  # another pluggy layout: always dispatch through pluggy
+        return True
+    return getattr(pm, "_inner_hookexec", _multicall) is not _multicall
 
 
 #: Host bytes of metadata per frame: mem_map (flags, refcount, pincount, mapcount: 4 each;
@@ -206,9 +216,22 @@ class Machine:
         before anything indexes with it. A refused result raises PluginError naming the
         plugin, after the blocks the plugin did take from the allocator are given back."""
         hook = self.pm.hook.copyengine_alloc_frames
-        frames = hook(machine=self, node=node, order=order, count=count)
+        impls = hook.get_hookimpls()
+        who = None
+        if any(i.hookwrapper or i.wrapper for i in impls) or _monitored(self.pm):
+            frames = hook(machine=self, node=node, order=order, count=count)
+        else:
+            # firstresult, called as pluggy would (last registered / tryfirst first), so
+            # that a refused result names the one plugin that returned it
+            kwargs = {"machine": self, "node": node, "order": order, "count": count}
+            frames = None
+            for impl in reversed(impls):
+                frames = impl.function(*[kwargs[a] for a in impl.argnames])
+                if frames is not None:
+                    who = plugin_label(impl)
+                    break
         try:
-            return check_frames(self, frames, node, order, count, hook_plugins(hook))
+            return check_frames(self, frames, node, order, count, who or hook_plugins(hook))
         except PluginError:
             self.buddy.free(reclaimable_frames(self, frames, node, order), order)
             raise

@@ -304,3 +304,18 @@ def test_a_near_tie_goes_to_more_threads(m, monkeypatch):
     e.models["mt:2"].bandwidth = 1e9 / 1.3      # 30% slower: not a tie
     e._calls = 1
     assert e.choose(64 << 20) == "mt:1" and e.last_reason == "least predicted time"
+
+
+def test_delegate_and_record_let_a_caller_run_the_copy(m, monkeypatch):
+    """A framework with its own fast path for an engine asks auto where a batch goes and
+    reports the time back: the choice is counted and corrects that engine's model."""
+    e = m.engine
+    e._ensure()
+    monkeypatch.setattr(e, "idle", lambda: 64)
+    spec, engine = e.delegate(4 << 20)
+    assert engine is e.engines[spec] and e.last_predicted[spec] > 0
+    before = e.models[spec].predict(4 << 20)
+    for _ in range(4):                                 # the first of a class is not counted
+        e.record(spec, 4 << 20, 3 * before)
+    assert e.models[spec].predict(4 << 20) == pytest.approx(3 * before, rel=0.01)
+    assert e.choices[spec] == 4 and e.last_choice == spec

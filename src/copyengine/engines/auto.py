@@ -328,16 +328,28 @@ class AutoEngine(Engine):
                    "idle_cpus": int(self.last_idle), "cpus": self.cpus,
                    "predicted_us": {s: round(t * 1e6, 2) for s, t in self.last_predicted.items()}})
 
-    def copy(self, job):
-        nbytes = job.total_bytes
+    def delegate(self, nbytes: int):
+        """``(spec, engine)`` that a batch of ``nbytes`` goes to, the engine_choice event
+        sent. For a caller that runs the copy itself (a framework with a faster path for
+        some engine); it reports the time with :meth:`record`."""
         spec = self.choose(nbytes)
         self._tell(spec, nbytes)
+        return spec, self.engines[spec]
+
+    def record(self, spec: str, nbytes: int, seconds: float) -> None:
+        """A batch of ``nbytes`` that ``spec`` copied in ``seconds``: corrects its model."""
         factor = self._factor(spec, self.last_idle) if spec in self.engines else 1.0
-        t0 = time.perf_counter()
-        res = run_engine(self.engines[spec], job, self.machine.settings["copy_timeout"])
-        self.models[spec].observe(nbytes, (time.perf_counter() - t0) / factor)
+        if spec in self.models:
+            self.models[spec].observe(nbytes, seconds / factor)
         self.last_choice = spec
         self.choices[spec] = self.choices.get(spec, 0) + 1
+
+    def copy(self, job):
+        nbytes = job.total_bytes
+        spec, engine = self.delegate(nbytes)
+        t0 = time.perf_counter()
+        res = run_engine(engine, job, self.machine.settings["copy_timeout"])
+        self.record(spec, nbytes, time.perf_counter() - t0)
         return res
 
     def describe(self):

@@ -13,6 +13,11 @@
   (``eio``, ``ooo``, ``hang``). Register it with
   ``make_plugin_manager(plugins=[copyengine.testing.engines])``.
 
+* :mod:`copyengine.testing.hostile` — plugins that fail every way a plugin can (raise at
+  each hook, malformed results, bad frames, late writes...) and
+  :func:`~copyengine.testing.hostile.check_engine_survives`, which runs them all around an
+  engine and checks that no byte is lost.
+
 Importing this package needs hypothesis (``pip install copyengine[test]``).
 """
 from . import engines

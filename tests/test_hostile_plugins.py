@@ -154,3 +154,21 @@ def test_hostile_plugins_validate_their_arguments():
         H.BadResult("nope")
     with pytest.raises(ValueError):
         H.BadFrames("nope")
+
+
+@pytest.mark.parametrize("spec", ["mt:2", "opencl", "pool:2", "pool-async:2"])
+def test_check_engine_survives_other_engines(spec):
+    """The entry point for plugin authors, on the built-in and the third-party engines
+    (the threadpool plugin, installed from plugins/): every hostile plugin reached, nothing
+    lost. Batches meet the engine's min_bytes (opencl: 8 MiB), so the engine is asked."""
+    try:
+        report = H.check_engine_survives(spec)
+    except ce.EngineUnavailable as e:
+        pytest.skip(str(e))
+    except ValueError as e:
+        if "unknown engine" in str(e) or "no engine" in str(e):
+            pytest.skip(f"{spec}: not installed ({e})")
+        raise
+    assert set(report) == set(LABELS)
+    unreached = [k for k, v in report.items() if _fired(v) == 0]
+    assert not unreached, unreached

@@ -346,7 +346,9 @@ def check_engine_survives(spec, *, plugins=(), entry_points=True, labels=None, r
     returned or raised - that every byte reads back as written and ``check_machine``
     holds. Returns ``{label: "passed (fired N[, raised X])"}`` (N: how often the plugin
     misbehaved; 0 means the engine's path never reached its hook); raises AssertionError
-    (``InvariantError`` or a data mismatch) naming the plugin at the first loss."""
+    (``InvariantError`` or a data mismatch) naming the plugin at the first loss. The
+    batches are at least the engine's ``min_bytes`` (smaller ones never reach it), and
+    the nodes are grown from ``node_size`` to hold them."""
     import copyengine as ce
     hostile = hostile_plugins()
     if labels is not None:
@@ -356,13 +358,20 @@ def check_engine_survives(spec, *, plugins=(), entry_points=True, labels=None, r
         hostile = {k: hostile[k] for k in labels}
     pm = plugin_manager(hostile, plugins, entry_points)
     report = {}
+    from ..units import parse_size
+    with ce.Machine(nodes=2, node_size="4MiB", plugin_manager=pm, engine=spec) as probe:
+        min_bytes = probe.engine.capabilities.min_bytes   # below it the engine is never asked
+    nbytes = max(8 * 4096, -(-min_bytes // 4096) * 4096)
+    node_size = max(parse_size(node_size, "node_size"), -(-(nbytes + (4 << 20)) // (2 << 20)) * (2 << 20))
     with ce.Machine(nodes=2, node_size=node_size, plugin_manager=pm, engine=spec) as m:
         m.settings["copy_timeout"] = copy_timeout
         rng = np.random.default_rng(0)
         p = m.spawn()
         shadow = ShadowMemory(m)
         shadow.spawn(p)
-        npages = 8
+        npages = nbytes // m.page_size
+        if npages > m.settings["nr_max_batched_migration"]:   # one batch, so min_bytes is met
+            m.settings["nr_max_batched_migration"] = npages
         a = p.mmap(npages * m.page_size)
         shadow.mmap(p, a, npages * m.page_size, False)
         untouched = p.mmap(m.page_size, populate=False)   # reads the zero page

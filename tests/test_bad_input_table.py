@@ -268,7 +268,7 @@ CASES = [
     ("move_pages node bool", lambda w: w.p.move_pages(0, [w.priv], [True]), TypeError, None, ()),
     ("move_pages exited caller", lambda w: w.dead.move_pages(0, [w.dead_a], [1]), OSError, ESRCH, ()),
     # migrate_pages
-    ("migrate_pages node outside", lambda w: w.p.migrate_pages(0, [0], [2]), OSError, EINVAL, ()),
+    ("migrate_pages node outside", lambda w: w.p.migrate_pages(0, [0], [2]), OSError, EPERM, ()),
     ("migrate_pages bad mask, unknown pid", lambda w: w.p.migrate_pages(999, [0], [2]), OSError, ESRCH, ()),
     ("migrate_pages negative node", lambda w: w.p.migrate_pages(0, [-1], [1]), OSError, EINVAL, ()),
     ("migrate_pages huge node", lambda w: w.p.migrate_pages(0, [0], [BIG]), OSError, EINVAL, ()),

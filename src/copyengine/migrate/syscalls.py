@@ -336,19 +336,18 @@ def migrate_pages(caller, pid, old_nodes, new_nodes) -> int:
     """migrate_pages(2): move every page of process ``pid`` on ``old_nodes`` to
     ``new_nodes`` (do_migrate_pages' pairing). Returns the folios not migrated.
 
-    As kernel_migrate_pages: the masks are parsed first (a malformed one is EINVAL or
-    TypeError), then the process is looked up (ESRCH, EPERM), and only then must
-    ``new_nodes`` be nodes of the machine (EINVAL); absent ids in ``old_nodes`` are ignored."""
+    As kernel_migrate_pages (checked against Linux 6.12): the masks are parsed first (a
+    malformed one is EINVAL or TypeError), then the process is looked up (ESRCH, EPERM).
+    A node id the machine does not have is in no cpuset: in ``new_nodes`` it is EPERM
+    without cap_sys_nice and otherwise dropped (nodes_and with the caller's cpuset; an
+    empty result returns 0); in ``old_nodes`` it is ignored."""
     m = caller.machine
     old, _ = _node_mask(m, old_nodes, "old_nodes")
     new, absent = _node_mask(m, new_nodes, "new_nodes")
     with m.lock:
         caller._enter()
         target = find_mm_struct(caller, pid)
-        if absent:
-            raise oserror(errno.EINVAL, f"new_nodes names node {min(absent)}; this machine has "
-                                        f"nodes 0..{m.nodes - 1}")
-        if not new <= target.mems_allowed and not caller.cap_sys_nice:
+        if (absent or not new <= target.mems_allowed) and not caller.cap_sys_nice:
             raise oserror(errno.EPERM, "new_nodes outside the target's cpuset need cap_sys_nice")
         new = new & caller.mems_allowed
         if not new:
@@ -356,13 +355,19 @@ def migrate_pages(caller, pid, old_nodes, new_nodes) -> int:
         return do_migrate_pages(target, old, new, caller.cap_sys_nice)
 
 
+MAX_NUMNODES = 1024
+
+
 def _node_mask(m, nodes, what):
-    """get_nodes: Machine.node_set's type checks, EINVAL for a negative id (no bitmask
-    holds one). Returns (the nodes of the machine named, the ids >= the machine's nodes)."""
+    """get_nodes: Machine.node_set's type checks, EINVAL for an id no nodemask holds
+    (negative, or MAX_NUMNODES and up). Returns (the nodes of the machine named, the
+    other ids)."""
     if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
         raise TypeError(f"{what} must be an iterable of ints, not {type(nodes).__name__}")
     nodes = list(nodes)
-    absent = [isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= m.nodes for n in nodes]
+    # ids the machine lacks but a nodemask can hold (MAX_NUMNODES, 1024 in Debian's kernels)
+    absent = [isinstance(n, numbers.Integral) and not isinstance(n, bool) and m.nodes <= n < MAX_NUMNODES
+              for n in nodes]
     try:
         here = m.node_set([n for n, a in zip(nodes, absent) if not a], what)
     except ValueError as e:

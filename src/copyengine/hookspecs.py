@@ -193,7 +193,9 @@ def copyengine_migration_event(machine, event, info):
         ``"folio_fail"``, ``"engine_error"`` (an engine raised, returned a bad result or
         wrote the zero page: the CPU copied the job), ``"mm_migrate_pages"`` (once per
         migrate_pages() call, the kernel tracepoint's fields: succeeded, failed,
-        thp_succeeded, thp_failed, thp_split, large_folio_split, mode, reason).
+        thp_succeeded, thp_failed, thp_split, large_folio_split, mode, reason),
+        ``"engine_choice"`` (the ``auto`` engine's choice for a batch: engine, nbytes,
+        reason, idle_cpus, cpus, predicted_us per candidate).
     :param info: a dict of details; its arrays must not be modified (copy what you keep).
 
     An observer that raises does not stop the migration: the exception propagates from

@@ -26,6 +26,7 @@ import time
 import numpy as np
 from numba import njit
 
+from ..engines.auto import AutoEngine
 from ..engines.memops import NT_BYTES
 from ..engines.serial import SerialEngine, VanillaEngine
 from ..mm.buddy import alloc_blocks, free_one, rmqueue_bulk
@@ -187,28 +188,20 @@ def finalize_all(sel, src, dst, nr, ev, ep, ef, ew, k, want, ptes, flags, refcou
 
 
 @njit(cache=True, nogil=True)
-def move_small_inline(addrs, start, end, page_shift, ptes, node, fpn, zero_pfn, oid, pgoff, limit_pages,
-                      vanilla, mem, page_size, status, queue, qheads, qpfns, freed, max_order, nxt, prv,
-                      free_order, free_head, nr_free, flags, refcount, pincount, mapcount, order, head,
-                      owner, index, private):
-    """The whole of a small call with a built-in CPU engine in one compiled call, the lock
-    held throughout: lookup + isolate, get_new_folio, unmap, move and copy (vanilla: move
-    then copy, folio after folio), finalize. Returns the folios migrated; 0 when none was
-    to move; -1 (nothing changed) for the full path; -2 (folios isolated, nothing else
-    changed) when they are more than ``limit_pages`` base pages: the caller goes on with
-    the batched cheap path."""
-    nq = lookup_and_isolate(addrs, start, end, page_shift, ptes, node, fpn, zero_pfn, oid, flags,
-                            refcount, pincount, mapcount, order, head, owner, status, queue, qheads, qpfns)
-    if nq <= 0:
-        return nq
+def migrate_small_inline(qheads, nq, node, fpn, oid, pgoff, ptes, vanilla, mem, page_size, freed, max_order,
+                         nxt, prv, free_order, free_head, nr_free, flags, refcount, pincount, mapcount,
+                         order, head, owner, index, private):
+    """The rest of a small call with a CPU copy in one compiled call, the lock held
+    throughout: get_new_folio, unmap, move and copy (vanilla: move then copy, folio after
+    folio), finalize, for ``nq`` folios isolated by :func:`lookup_and_isolate`. Returns
+    ``nq``, or 0 (everything given back and put back) when the node cannot supply the
+    destinations: the full path then splits or fails folios for want of memory."""
     o = order[qheads[0]]
-    if (nq << o) > limit_pages:
-        return -2
     dst = np.empty(nq, np.int64)
     if not alloc_destinations(qheads, nq, node, o, dst, fpn, max_order, nxt, prv, free_order, free_head,
                               nr_free, flags, refcount, pincount, mapcount, order, head, owner, index,
                               private):
-        return -1
+        return 0
     src = qheads[:nq].copy()
     nr = np.full(nq, 1 << o, np.int64)
     npages = nq << o
@@ -298,18 +291,14 @@ def move_pages_fast(target, addrs, node):
     queue = np.empty(n, np.int64)
     qheads = np.empty(n, np.int64)
     qpfns = np.empty(n, np.int64)
-    inline = INLINE_BYTES if type(engine) in _INLINE else min(engine.capabilities.inline_bytes, INLINE_BYTES)
-    if inline:
-        nq = _move_small(m, vma, addrs, node, engine, inline, status, queue, qheads, qpfns)
-        if nq != -2:
-            return None if nq < 0 else (0, status)
-        nq = int((queue >= 0).sum())  # too large for one call: isolated, go on in batches
-    else:
-        nq = lookup_and_isolate(addrs, vma.start, vma.end, m.page_shift, vma.ptes, node, m.frames_per_node,
-                                m.zero_pfn, vma.obj.id, mm.flags, mm.refcount, mm.pincount, mm.mapcount,
-                                mm.order, mm.head, mm.owner, status, queue, qheads, qpfns)
-        if nq <= 0:
-            return (0, status) if nq == 0 else None
+    nq = lookup_and_isolate(addrs, vma.start, vma.end, m.page_shift, vma.ptes, node, m.frames_per_node,
+                            m.zero_pfn, vma.obj.id, mm.flags, mm.refcount, mm.pincount, mm.mapcount,
+                            mm.order, mm.head, mm.owner, status, queue, qheads, qpfns)
+    if nq <= 0:
+        return (0, status) if nq == 0 else None
+    done = _move_small(m, vma, qheads, nq, node, engine)
+    if done:
+        return (0, status) if done > 0 else None
     t0 = time.perf_counter()
     heads = qheads[:nq]
     order = int(mm.order[heads[0]])
@@ -335,28 +324,46 @@ _INLINE = (SerialEngine, VanillaEngine)
 INLINE_BYTES = 256 << 10
 
 
-def _move_small(m, vma, addrs, node, engine, inline, status, queue, qheads, qpfns) -> int:
-    """A small call in one compiled call (:func:`move_small_inline`), with its counters:
-    at most ``inline`` bytes, and one batch."""
+def _copy_choice(engine, nbytes):
+    """The engine that copies ``nbytes`` for ``engine``: itself, or what ``auto`` delegates
+    the batch to (the framework then runs that engine, or the CPU copy inline, and tells
+    auto how long it took). Returns (engine, auto's spec or None)."""
+    if isinstance(engine, AutoEngine):
+        spec, chosen = engine.delegate(nbytes)
+        return chosen, spec
+    return engine, None
+
+
+def _move_small(m, vma, qheads, nq, node, engine) -> int:
+    """The rest of a small call in one compiled call (:func:`migrate_small_inline`) when
+    the copy is the CPU's (serial, vanilla, an engine below its ``inline_bytes``, or what
+    auto delegates to serial), with its counters. Returns the folios migrated, 0 when the
+    call is not small (go on in batches), -1 when the full path must take it (no room)."""
     mm = m.mem_map
-    limit = min(inline >> m.page_shift, m.settings["nr_max_batched_migration"])
+    order = int(mm.order[qheads[0]])
+    pages = nq << order
+    nbytes = pages << m.page_shift
+    if nbytes > INLINE_BYTES or pages > m.settings["nr_max_batched_migration"]:
+        return 0
+    chosen, spec = _copy_choice(engine, nbytes)
+    if type(chosen) not in _INLINE and nbytes >= chosen.capabilities.inline_bytes:
+        return 0
     freed = np.zeros(1, np.int64)
     t0 = time.perf_counter()
-    nq = move_small_inline(addrs, vma.start, vma.end, m.page_shift, vma.ptes, node, m.frames_per_node,
-                           m.zero_pfn, vma.obj.id, vma.pgoff, limit, not engine.capabilities.batched, m.mem,
-                           m.page_size, status, queue, qheads, qpfns, freed, m.max_order, *m.buddy.lists(),
-                           *mm.arrays())
-    if nq <= 0:
-        return nq
+    if not migrate_small_inline(qheads, nq, node, m.frames_per_node, vma.obj.id, vma.pgoff, vma.ptes,
+                                not chosen.capabilities.batched, m.mem, m.page_size, freed, m.max_order,
+                                *m.buddy.lists(), *mm.arrays()):
+        return -1
     t1 = time.perf_counter()
+    if spec is not None:
+        engine.record(spec, nbytes, t1 - t0)
     m.migrate_times["fused"] += t1 - t0
-    order = int(mm.order[mm.head[qpfns[0]]])
-    m._vmstat["pgalloc"] += nq << order
+    m._vmstat["pgalloc"] += pages
     m._vmstat["pgfree"] += int(freed[0])
     stats = all_migrated(m, nq, order, m.settings["migrate_mode"], MR_SYSCALL)
     count_migrate(m, stats)
     if m.recorder is not None:  # one compiled call: its phases are not told apart
-        m.recorder.batch(t0, t0, t0, t0, t0, t1, nq, nq << order, engine.name)
+        m.recorder.batch(t0, t0, t0, t0, t0, t1, nq, pages, chosen.name)
         m.recorder.call(t0, t1, t1, **stats)
     return nq
 
@@ -441,18 +448,23 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
         return None
     t1 = time.perf_counter()
     nt = npages * m.page_size >= NT_BYTES
+    chosen = engine
     try:
         if not batched:
             kernels.vanilla_move_copy(sel, b.src, b.dst, b.nr, mm.flags, mm.owner, mm.index, mm.refcount,
                                       b.moved, m.mem, m.page_size, nt, b.rc, b.copied)
         else:
+            chosen, spec = _copy_choice(engine, npages * m.page_size)
             m.lock.release()  # as dispatch.unlocked, without a generator per batch
             try:
-                if type(engine) is SerialEngine:
+                tc = time.perf_counter()
+                if type(chosen) is SerialEngine:
                     kernels.folio_copy(sel, b.src, b.dst, b.nr, mm.flags, m.mem, m.page_size, nt, b.rc,
                                        b.copied)
                 else:
-                    migrate_folios_batch_copy(b, sel, engine, Dispatch(m, engine))
+                    migrate_folios_batch_copy(b, sel, chosen, Dispatch(m, chosen))
+                if spec is not None:
+                    engine.record(spec, npages * m.page_size, time.perf_counter() - tc)
             finally:
                 m.lock.acquire()
     except BaseException:
@@ -473,5 +485,5 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
     times["copy"] += t2 - t1
     times["finalize"] += t3 - t2
     if m.recorder is not None:
-        m.recorder.batch(t0, t0, t1, t1, t2, t3, n, npages, engine.name)
+        m.recorder.batch(t0, t0, t1, t1, t2, t3, n, npages, chosen.name)
     return b.rc

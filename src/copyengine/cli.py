@@ -63,6 +63,8 @@ def plugin_manager(args, strict=True):
     passes False and lists it under "plugins not loaded" instead."""
     from .plugins import get_plugin_manager, make_plugin_manager, plugin_info
     extra = getattr(args, "plugin", None) or []
+    if any(not name.strip() for name in extra):
+        raise UsageError("-p/--plugin needs a module name, got an empty one")
     if not extra:
         return get_plugin_manager()
     pm = make_plugin_manager(plugins=extra)

@@ -191,3 +191,17 @@ def test_partial_munmap_of_private_thp_keeps_ptes(machine):
     p.munmap(a + 100 * PS, PS)
     assert p.node_of(a) == 0 and p.node_of(a + 200 * PS) == 0
     assert np.all([_present(p, a + i * PS) for i in (0, 99, 101, 511)])
+
+
+def test_fault_on_cached_2mib_shmem_folio_maps_the_whole_pmd(machine):
+    """do_set_pmd: the child's first touch of a 2 MiB shmem folio in the page cache maps
+    all of it (read or write)."""
+    m = machine
+    p = m.spawn()
+    a = p.mmap(4 * MiB, shared=True, folio_size="2MiB")
+    c = p.fork()
+    c.read(a + 5 * PS, 1)
+    c.write(a + 2 * MiB + 7 * PS, b"w")
+    for base in (a, a + 2 * MiB):
+        assert all(c.pfn_of(base + i * PS) == p.pfn_of(base + i * PS) for i in (0, 200, 511))
+    check_machine(m)

@@ -101,7 +101,7 @@ def test_noop_cases_change_nothing():
         Region(p, 8 * PS, 1, 8)
         s0 = snapshot(m)
         assert p.migrate_pages(0, [], [1]) == 0
-        assert p.migrate_pages(0, [0], []) == 0       # node_remap onto nothing: identity
+        raises_errno(errno.EINVAL, p.migrate_pages, 0, [0], [])  # no new node: EINVAL (6.12)
         assert p.migrate_pages(0, [0], [0]) == 0
         assert p.migrate_pages(0, [0, 1], [1, 0]) == 0   # masks are sets: identity, no swap
         assert p.migrate_pages(0, [0, 1], (1, 0, 1)) == 0
@@ -378,7 +378,7 @@ def test_eperm_other_uid(world, uid):
 def test_absent_new_nodes_are_in_no_cpuset(world, old, new):
     """As kernel_migrate_pages (checked on 6.12): the process is looked up first (ESRCH,
     ptrace's EPERM); a node the machine lacks is in no cpuset, so it is EPERM without
-    cap_sys_nice and dropped with it (nothing left: 0, nothing moves)."""
+    cap_sys_nice and dropped with it (nothing left: EINVAL, nothing moves)."""
     m, p, r, b = world
     other = m.spawn(uid=5)
     s0 = snapshot(m)
@@ -387,8 +387,14 @@ def test_absent_new_nodes_are_in_no_cpuset(world, old, new):
     raises_errno(errno.EPERM, other.migrate_pages, p.pid, old, new)
     assert_unchanged(s0, snapshot(m))
     nice = m.spawn(uid=1000, cap_sys_nice=True)
-    assert nice.migrate_pages(p.pid, old, new) == 0
-    assert r.nodes() == ({1} if 1 in new else {0}) and r.intact() and b.intact()
+    if 1 in new:
+        assert nice.migrate_pages(p.pid, old, new) == 0
+        assert r.nodes() == {1}
+    else:
+        s1 = snapshot(m)
+        raises_errno(errno.EINVAL, nice.migrate_pages, p.pid, old, new)
+        assert_unchanged(s1, snapshot(m))
+    assert r.intact() and b.intact()
 
 
 @pytest.mark.parametrize("old,new", [([0], [-1]), ([-1], [0]), ([0], [1024]), ([1 << 70], [1])])
@@ -438,10 +444,10 @@ def test_cpuset_rules():
         nice = m.spawn(uid=1000, cap_sys_nice=True)
         assert nice.migrate_pages(p.pid, [0], [3]) == 0
         assert r.nodes() == {3} and r.intact()
-        # the destination is limited to the caller's cpuset: nothing left means nothing done
+        # the destination is limited to the caller's cpuset: nothing left is EINVAL (6.12)
         confined = m.spawn(uid=1000, cap_sys_nice=True, mems_allowed=[0])
         s1 = snapshot(m)
-        assert confined.migrate_pages(p.pid, [3], [1]) == 0
+        raises_errno(errno.EINVAL, confined.migrate_pages, p.pid, [3], [1])
         assert_unchanged(s1, snapshot(m))
         assert confined.migrate_pages(p.pid, [3], [0, 2]) == 0   # new & {0} = {0}
         assert r.nodes() == {0} and r.intact()

@@ -339,8 +339,9 @@ def migrate_pages(caller, pid, old_nodes, new_nodes) -> int:
     As kernel_migrate_pages (checked against Linux 6.12): the masks are parsed first (a
     malformed one is EINVAL or TypeError), then the process is looked up (ESRCH, EPERM).
     A node id the machine does not have is in no cpuset: in ``new_nodes`` it is EPERM
-    without cap_sys_nice and otherwise dropped (nodes_and with the caller's cpuset; an
-    empty result returns 0); in ``old_nodes`` it is ignored."""
+    without cap_sys_nice and otherwise dropped (nodes_and with the caller's cpuset); if
+    nothing is left the call is EINVAL (the error kernel_migrate_pages has set by then).
+    In ``old_nodes`` such an id is ignored."""
     m = caller.machine
     old, _ = _node_mask(m, old_nodes, "old_nodes")
     new, absent = _node_mask(m, new_nodes, "new_nodes")
@@ -351,7 +352,7 @@ def migrate_pages(caller, pid, old_nodes, new_nodes) -> int:
             raise oserror(errno.EPERM, "new_nodes outside the target's cpuset need cap_sys_nice")
         new = new & caller.mems_allowed
         if not new:
-            return 0
+            raise oserror(errno.EINVAL, "no node of new_nodes is in the caller's cpuset")
         return do_migrate_pages(target, old, new, caller.cap_sys_nice)
 
 

@@ -390,6 +390,7 @@ class Process:
                     if (mm.flags[cp] & PG_hwpoison).any():
                         raise oserror(EHWPOISON, "a page of the shared object is poisoned")
                     plan["map_cached"] = (none_idx[have], cp)
+                    self._map_cached_pmds(seg, plan)
                 if not write:
                     self._fault_around(seg, none_idx, plan)
                 holes = none_idx[~have]
@@ -435,6 +436,35 @@ class Process:
         big = (np.array(whole, np.int64)[:, None] + np.arange(nr)[None, :]).ravel()
         return np.union1d(idx, big)
 
+    def _map_cached_pmds(self, seg, plan):
+        """do_set_pmd (finish_fault, filemap_map_pmd): a fault on a page of a 2 MiB
+        shmem folio already in the page cache maps the whole folio with one PMD when its
+        aligned range lies inside the VMA and nothing there is mapped yet."""
+        o = self._pmd_order()
+        vma = seg.vma
+        if vma.order != o or o <= 0:
+            return
+        mm = self.machine.mem_map
+        nr = 1 << o
+        base = vma.start >> self.machine.page_shift
+        idx, pfns = plan["map_cached"]
+        extra_i, extra_p = [], []
+        for a0 in np.unique(((base + idx) >> o) << o).tolist():
+            a0 -= base
+            if a0 < 0 or a0 + nr > vma.npages or vma.ptes[a0:a0 + nr].any():
+                continue
+            cached = vma.obj.cache[vma.pgoff + a0:vma.pgoff + a0 + nr]
+            h = int(cached[0])
+            if h < 0 or int(mm.order[h]) != o or int(mm.head[h]) != h or not (cached == h + np.arange(nr)).all():
+                continue
+            extra_i.append(np.arange(a0, a0 + nr))
+            extra_p.append(cached)
+        if extra_i:
+            i = np.concatenate([idx] + extra_i)
+            p = np.concatenate([pfns] + extra_p)
+            i, first = np.unique(i, return_index=True)
+            plan["map_cached"] = (i, p[first])
+
     def _fault_around(self, seg, idx, plan):
         """do_fault_around on a read fault of a shared page: the PTEs of the window of
         fault_around_bytes (64 KiB) around each faulting page, clamped to the VMA and its
@@ -465,8 +495,9 @@ class Process:
         if not len(cand):
             return
         if plan["map_cached"] is not None:
-            cand = np.concatenate((plan["map_cached"][0], cand))
-            pfns = np.concatenate((plan["map_cached"][1], pfns))
+            keep = ~np.isin(cand, plan["map_cached"][0])
+            cand = np.concatenate((plan["map_cached"][0], cand[keep]))
+            pfns = np.concatenate((plan["map_cached"][1], pfns[keep]))
         plan["map_cached"] = (cand, pfns)
 
     def _folio_exclusive(self, h):

@@ -217,6 +217,9 @@ class Machine:
         plugin, after the blocks the plugin did take from the allocator are given back."""
         hook = self.pm.hook.copyengine_alloc_frames
         impls = hook.get_hookimpls()
+        if len(impls) == 1 and impls[0].plugin_name == "core" and not _monitored(self.pm):
+            # the built-in allocator alone (what core_plugin returns): trusted, unchecked
+            return self.buddy.alloc(node, order, count)
         who = None
         if any(i.hookwrapper or i.wrapper for i in impls) or _monitored(self.pm):
             frames = hook(machine=self, node=node, order=order, count=count)

@@ -139,6 +139,11 @@ class ModelRun:
         n = int(a["pages"])
 
         def go():
+            # Every region starts 2 MiB-aligned, as oracle.c places them, so that windows
+            # aligned in the page table (fault-around) fall alike: a 2 MiB-aligned pad of
+            # 2 MiB less the guard page puts the next mapping on a 2 MiB boundary.
+            pad = p.proc.mmap((2 << 20) - PS, folio_size="2MiB", populate=False)
+            p.proc.munmap(pad, (2 << 20) - PS)
             addr = p.proc.mmap(n * PS, node=int(a["node"]), shared=a["shared"] == "1",
                                folio_size="2MiB" if a["thp"] == "1" else None,
                                populate=a["populate"] == "1")

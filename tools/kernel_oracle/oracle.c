@@ -160,12 +160,13 @@ static void do_op(char *l)
 	if (t) target = atoi(t);
 	if (!strcmp(op, "mmap")) {
 		long n = iarg(l, "pages", 1), thp = iarg(l, "thp", 0), sh = iarg(l, "shared", 0);
-		unsigned long len = n * PS, extra = (thp ? THP : 0) + 2 * PS;
+		unsigned long len = n * PS, extra = THP + 2 * PS;
 		char *m = mmap(NULL, len + extra, PROT_READ | PROT_WRITE,
 			       (sh ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS, -1, 0);
 		if (m == MAP_FAILED) { reply("op %ld errno=%d", ln, errno); return; }
-		unsigned long a = (unsigned long)m + PS;
-		if (thp) a = (a + THP - 1) & ~(THP - 1);
+		/* 2 MiB-aligned, as model.py places regions: page-table-aligned windows
+		 * (fault-around, PMDs) then fall alike in both */
+		unsigned long a = ((unsigned long)m + PS + THP - 1) & ~(THP - 1);
 		/* guard pages: no VMA merge with a neighbouring region */
 		mprotect((void *)(a - PS), PS, PROT_NONE);
 		mprotect((void *)(a + len), PS, PROT_NONE);

@@ -57,6 +57,10 @@ def _per_page_outcome(k, m) -> bool:
 # name -> (class, why, predicate over (kernel fields, model fields))
 DELIBERATE = {
     "per-page outcome": ("deliberate", "shared/DESIGN.md 'Per-page outcome, always'", _per_page_outcome),
+    # not a predicate over one line: compare() gives this name to the final nodes of a
+    # scenario in which the kernel stopped a call early (the pages it never moved)
+    "after per-page outcome": ("deliberate (consequence)", "final nodes of a scenario where the "
+                               "kernel stopped a move_pages call early", lambda k, m: False),
 }
 
 
@@ -103,7 +107,7 @@ def compare(scenario_text: str, kernel_text: str, model_text: str) -> dict:
         k, m = kern[name], mod.get(name, {})
         ops = {f"call {o.line}": o for o in s.ops}
         ops.update({f"op {o.line}": o for o in s.ops})
-        same = True
+        same, stopped = True, False
         for key in sorted(set(k) | set(m), key=lambda x: (x.split()[0] == "final", x)):
             kl, ml = k.get(key), m.get(key)
             if key.startswith("call"):
@@ -113,6 +117,10 @@ def compare(scenario_text: str, kernel_text: str, model_text: str) -> dict:
                 continue
             same = False
             d = classify(kl, ml)
+            if d == "per-page outcome":
+                stopped = True
+            elif d is None and stopped and key.startswith("final"):
+                d = "after per-page outcome"
             if d:
                 res["deliberate"][d] += 1
                 continue

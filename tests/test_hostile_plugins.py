@@ -172,3 +172,28 @@ def test_check_engine_survives_other_engines(spec):
     assert set(report) == set(LABELS)
     unreached = [k for k, v in report.items() if _fired(v) == 0]
     assert not unreached, unreached
+
+
+def test_released_quarantine_is_zeroed_before_reuse():
+    """Found by the hostile state machine: a late writer's garbage landed in its
+    quarantined destinations, which were freed as if clean (no PG_nonzero) and handed to
+    a new mapping unzeroed - it read 0xA5 where it should read zeros."""
+    with _late_machine(30, 0.01) as m:
+        p = m.spawn()
+        shadow = ShadowMemory(m)
+        shadow.spawn(p)
+        a = p.mmap(2 * m.page_size)
+        shadow.mmap(p, a, 2 * m.page_size, False)
+        p.write(a, b"x" * 2 * m.page_size)
+        shadow.write(p, a, b"x" * 2 * m.page_size)
+        p.move_pages(0, [a, a + m.page_size], [1, 1])
+        assert m.vmstat["nr_quarantined_pages"] > 0
+        time.sleep(0.2)                     # the late writes land, the engine retires
+        m.set_engine("serial")
+        p.move_pages(0, [a], [1])           # the next migration releases the quarantine
+        assert m.vmstat["nr_quarantined_pages"] == 0
+        nfree = m.free_pages(1)
+        b = p.mmap(nfree * m.page_size, node=1)   # every free frame of node 1, populated
+        shadow.mmap(p, b, nfree * m.page_size, False)
+        check_machine(m, shadow)
+        assert p.read(b, nfree * m.page_size) == bytes(nfree * m.page_size)

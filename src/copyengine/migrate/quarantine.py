@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ..mm.pageflags import OWNER_QUARANTINE
+from ..mm.pageflags import OWNER_QUARANTINE, PG_nonzero
 
 
 def quarantine_folios(m, completion, heads, order) -> None:
@@ -26,7 +26,7 @@ def quarantine_folios(m, completion, heads, order) -> None:
     if not len(heads):
         return
     mm = m.mem_map
-    mm.prep_new_folios(heads, order)
+    mm.prep_new_folios(heads, order, PG_nonzero)  # a late write may land: zero them before reuse
     mm.owner[m.mem_map.folio_pages(heads, np.full(len(heads), order, np.int8))] = OWNER_QUARANTINE
     m.quarantine.append((completion, heads))
     n = len(heads) << order

@@ -57,9 +57,10 @@ def _per_page_outcome(k, m) -> bool:
 # name -> (class, why, predicate over (kernel fields, model fields))
 DELIBERATE = {
     "per-page outcome": ("deliberate", "shared/DESIGN.md 'Per-page outcome, always'", _per_page_outcome),
-    # not a predicate over one line: compare() gives this name to the final nodes of a
-    # scenario in which the kernel stopped a call early (the pages it never moved)
-    "after per-page outcome": ("deliberate (consequence)", "final nodes of a scenario where the "
+    # not a predicate over one line: compare() gives this name to every later line of a
+    # scenario in which the kernel stopped a call early (pages it never moved are
+    # elsewhere from then on); the report counts them apart
+    "after per-page outcome": ("deliberate (consequence)", "later lines of a scenario where the "
                                "kernel stopped a move_pages call early", lambda k, m: False),
 }
 
@@ -92,6 +93,12 @@ def _signature(key, kline, mline, op):
     return f"{name}: " + ", ".join(f"{f} kernel {k.get(f)} model {m.get(f)}" for f in diff)
 
 
+def _order(key):
+    """Lines in scenario order: calls and ops by line number, then the final lines."""
+    w = key.split()
+    return (1, 0, key) if w[0] == "final" else (0, int(w[1]), key)
+
+
 def compare(scenario_text: str, kernel_text: str, model_text: str) -> dict:
     """Returns counts, groups {signature: [(scenario, key, kline, mline)]}, deliberate
     {name: count} and per-scenario identity."""
@@ -108,7 +115,7 @@ def compare(scenario_text: str, kernel_text: str, model_text: str) -> dict:
         ops = {f"call {o.line}": o for o in s.ops}
         ops.update({f"op {o.line}": o for o in s.ops})
         same, stopped = True, False
-        for key in sorted(set(k) | set(m), key=lambda x: (x.split()[0] == "final", x)):
+        for key in sorted(set(k) | set(m), key=_order):
             kl, ml = k.get(key), m.get(key)
             if key.startswith("call"):
                 res["calls"] += 1
@@ -119,7 +126,7 @@ def compare(scenario_text: str, kernel_text: str, model_text: str) -> dict:
             d = classify(kl, ml)
             if d == "per-page outcome":
                 stopped = True
-            elif d is None and stopped and key.startswith("final"):
+            elif d is None and stopped:
                 d = "after per-page outcome"
             if d:
                 res["deliberate"][d] += 1

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import EHWPOISON, oserror
 from .pageflags import PG_anon, PG_head, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
+from .pmd import fault_around, huge_zero, map_cached_pmds, split_shmem_pmds
 from .pte import PTE_MIGRATION, PTE_PRESENT, PTE_WRITE, mk_pte, pte_pfn
 from .vma import AnonVma, Shmem, Vma
 
@@ -266,7 +267,7 @@ class Process:
         released, orphans = [], []
         for s in segs:
             vma = s.vma
-            pmds = self._split_shmem_pmds(vma, s.i0, s.i1)  # before the zap changes the PTEs
+            pmds = split_shmem_pmds(self, vma, s.i0, s.i1)  # before the zap changes the PTEs
             released.append(self._zap(vma, s.i0, s.i1))
             for lo, hi in pmds:
                 released.append(self._zap(vma, lo, hi))
@@ -284,36 +285,6 @@ class Process:
             self._release_folios(np.concatenate(released))
         for obj in orphans:
             self._release_object(obj)
-
-    def _pmd_order(self):
-        """The folio order of a PMD mapping (2 MiB)."""
-        return (21 - self.machine.page_shift) if self.machine.page_shift <= 21 else -1
-
-    def _split_shmem_pmds(self, vma, i0, i1):
-        """__split_huge_pmd of a file (shmem) mapping: unmapping [i0, i1) of ``vma`` cuts
-        a PMD that maps a 2 MiB shmem folio; the kernel just clears such a PMD (the pages
-        stay in the page cache and fault in again). Returns the page ranges to zap."""
-        o = self._pmd_order()
-        if not vma.shared or vma.order != o or o <= 0:
-            return []
-        nr = 1 << o
-        mm = self.machine.mem_map
-        base = vma.start >> self.machine.page_shift
-        out = set()
-        for b in {i0, i1}:
-            if not 0 < b < vma.npages or (base + b) % nr == 0:
-                continue  # the cut is at the VMA's edge or on a PMD boundary
-            a0 = ((base + b) // nr) * nr - base
-            if a0 < 0 or a0 + nr > vma.npages:
-                continue  # never PMD-mapped: the range is not inside the VMA
-            ptes = vma.ptes[a0:a0 + nr]
-            if not (ptes & PTE_PRESENT).all():
-                continue
-            pfns = pte_pfn(ptes)
-            h = int(mm.head[pfns[0]])
-            if int(mm.order[h]) == o and pfns[0] == h and (pfns == h + np.arange(nr)).all():
-                out.add((a0, a0 + nr))
-        return sorted(out)
 
     def _zap(self, vma, i0, i1) -> np.ndarray:
         """zap_pte_range: clear PTEs, drop map counts and references; returns the heads touched."""
@@ -390,16 +361,16 @@ class Process:
                     if (mm.flags[cp] & PG_hwpoison).any():
                         raise oserror(EHWPOISON, "a page of the shared object is poisoned")
                     plan["map_cached"] = (none_idx[have], cp)
-                    self._map_cached_pmds(seg, plan)
+                    map_cached_pmds(self, seg, plan)
                 if not write:
-                    self._fault_around(seg, none_idx, plan)
+                    fault_around(self, seg, none_idx, plan)
                 holes = none_idx[~have]
                 if len(holes):
                     plan["new"] = self._plan_new(vma, holes, cache=vma.obj.cache)
             elif write:
                 plan["new"] = self._plan_new(vma, none_idx, cache=None)
             else:
-                plan["zero"] = self._huge_zero(vma, none_idx, plan)
+                plan["zero"] = huge_zero(self, vma, none_idx, plan)
         if write and not vma.shared:
             ro = present & ((ptes & PTE_WRITE) == 0)
             if ro.any():
@@ -416,89 +387,6 @@ class Process:
                 plan["cow"] = (idx[~excl], old[~excl])
         seg.plan = plan
         return plan
-
-    def _huge_zero(self, vma, idx, plan):
-        """do_huge_pmd_anonymous_page on a read fault: a 2 MiB-aligned range wholly inside
-        a THP-eligible private VMA with no page mapped maps the huge zero page (all its
-        pages read as the zero page; a write later splits it into base pages). It
-        prepares the VMA's anon_vma (vmf_anon_prepare). Returns the pages to map to zero."""
-        o = self._pmd_order()
-        if vma.order != o or o <= 0:
-            return idx
-        nr = 1 << o
-        base = vma.start >> self.machine.page_shift
-        first = (np.unique((base + idx) >> o) << o) - base
-        first = first[(first >= 0) & (first + nr <= vma.npages)]
-        whole = [f for f in first.tolist() if not vma.ptes[f:f + nr].any()]
-        if not whole:
-            return idx
-        plan["huge_zero"] = True
-        big = (np.array(whole, np.int64)[:, None] + np.arange(nr)[None, :]).ravel()
-        return np.union1d(idx, big)
-
-    def _map_cached_pmds(self, seg, plan):
-        """do_set_pmd (finish_fault, filemap_map_pmd): a fault on a page of a 2 MiB
-        shmem folio already in the page cache maps the whole folio with one PMD when its
-        aligned range lies inside the VMA and nothing there is mapped yet."""
-        o = self._pmd_order()
-        vma = seg.vma
-        if vma.order != o or o <= 0:
-            return
-        mm = self.machine.mem_map
-        nr = 1 << o
-        base = vma.start >> self.machine.page_shift
-        idx, pfns = plan["map_cached"]
-        extra_i, extra_p = [], []
-        for a0 in np.unique(((base + idx) >> o) << o).tolist():
-            a0 -= base
-            if a0 < 0 or a0 + nr > vma.npages or vma.ptes[a0:a0 + nr].any():
-                continue
-            cached = vma.obj.cache[vma.pgoff + a0:vma.pgoff + a0 + nr]
-            h = int(cached[0])
-            if h < 0 or int(mm.order[h]) != o or int(mm.head[h]) != h or not (cached == h + np.arange(nr)).all():
-                continue
-            extra_i.append(np.arange(a0, a0 + nr))
-            extra_p.append(cached)
-        if extra_i:
-            i = np.concatenate([idx] + extra_i)
-            p = np.concatenate([pfns] + extra_p)
-            i, first = np.unique(i, return_index=True)
-            plan["map_cached"] = (i, p[first])
-
-    def _fault_around(self, seg, idx, plan):
-        """do_fault_around on a read fault of a shared page: the PTEs of the window of
-        fault_around_bytes (64 KiB) around each faulting page, clamped to the VMA and its
-        page table, map the pages already in the page cache (filemap_map_pages skips
-        poisoned and locked ones). Adds them to plan["map_cached"]."""
-        m = self.machine
-        mm = m.mem_map
-        vma = seg.vma
-        nr = max(1, (64 << 10) >> m.page_shift)
-        ptrs = m.page_size // 8  # PTRS_PER_PTE
-        base = vma.start >> m.page_shift
-        pte_off = (base + idx) % ptrs
-        start = np.maximum(pte_off - pte_off % nr, pte_off - np.minimum(pte_off, idx)) - pte_off + idx
-        stop = np.minimum(np.minimum(start + nr, idx - pte_off + ptrs), vma.npages)
-        want = np.zeros(vma.npages, bool)
-        for a, b in set(zip(start.tolist(), stop.tolist())):
-            want[a:b] = True
-        want[seg.i0:seg.i1] = False  # the access's own pages are planned already
-        cand = np.nonzero(want & (vma.ptes == 0))[0]
-        if not len(cand):
-            return
-        pfns = vma.obj.cache[vma.pgoff + cand]
-        ok = pfns >= 0
-        cand, pfns = cand[ok], pfns[ok]
-        if len(pfns):
-            ok = ((mm.flags[pfns] & PG_hwpoison) == 0) & ((mm.flags[mm.head[pfns]] & PG_locked) == 0)
-            cand, pfns = cand[ok], pfns[ok]
-        if not len(cand):
-            return
-        if plan["map_cached"] is not None:
-            keep = ~np.isin(cand, plan["map_cached"][0])
-            cand = np.concatenate((plan["map_cached"][0], cand[keep]))
-            pfns = np.concatenate((plan["map_cached"][1], pfns[keep]))
-        plan["map_cached"] = (cand, pfns)
 
     def _folio_exclusive(self, h):
         mm = self.machine.mem_map

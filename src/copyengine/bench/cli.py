@@ -131,10 +131,13 @@ def run(args) -> int:
         return _err(f"--ceiling must be a positive number of GB/s, not {args.ceiling}")
 
     pm = getattr(args, "plugin_manager", None)
-    plugins = getattr(args, "plugins", None) or ()
+    plugins = list(getattr(args, "plugins", None) or getattr(args, "plugin", None) or ())
     if plugins and pm is None:
         from ..plugins import make_plugin_manager
-        pm = make_plugin_manager(plugins=list(plugins))
+        pm = make_plugin_manager(plugins=plugins)
+    # the workers rebuild a manager from plugin names; only a manager object made some
+    # other way (the API, tests) keeps the runs in this process
+    run_pm = None if (plugins or pm is None or pm is _pm(None)) else pm
     try:  # validate everything before the (long) run
         make_plan(args.page_size, args.counts, args.configs, args.repeat, args.quick, args.warmup, pm=_pm(pm))
     except BenchError as e:
@@ -145,7 +148,7 @@ def run(args) -> int:
         with busy(getattr(args, "busy", 0)) as load:
             res = run_bench(page_sizes=args.page_size, counts=args.counts, configs=args.configs,
                             repeat=args.repeat, quick=args.quick, warmup=args.warmup, progress=progress,
-                            plugin_manager=pm, ceiling=args.ceiling, batch=getattr(args, "batch", None),
+                            plugin_manager=run_pm, plugins=plugins, ceiling=args.ceiling, batch=getattr(args, "batch", None),
                             log=(lambda m: print(m, file=sys.stderr))
                             if progress is None and sys.stderr.isatty() else None)
             if getattr(args, "tradeoff", None):

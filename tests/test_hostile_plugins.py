@@ -197,3 +197,27 @@ def test_released_quarantine_is_zeroed_before_reuse():
         shadow.mmap(p, b, nfree * m.page_size, False)
         check_machine(m, shadow)
         assert p.read(b, nfree * m.page_size) == bytes(nfree * m.page_size)
+
+
+@pytest.mark.parametrize("poisoned", [0, 3])
+def test_destination_of_an_undone_folio_is_zeroed_before_reuse(poisoned):
+    """Found by the hostile state machine: a non-mc-safe engine (eio) copies a folio whose
+    source is poisoned; the folio is undone (-EHWPOISON) and its destination freed as if
+    never written (no PG_nonzero), so the next mapping on that node reads the old bytes."""
+    pm = H.plugin_manager({})
+    with ce.Machine(nodes=2, node_size="4MiB", plugin_manager=pm, engine="eio:2") as m:
+        p = m.spawn()
+        shadow = ShadowMemory(m)
+        shadow.spawn(p)
+        a = p.mmap(8 * m.page_size, node=1)
+        shadow.mmap(p, a, 8 * m.page_size, False)
+        data = np.random.default_rng(0).integers(1, 256, 8 * m.page_size, dtype=np.uint8).tobytes()
+        p.write(a, data)
+        shadow.write(p, a, data)
+        m.hwpoison(p.pfn_of(a + poisoned * m.page_size))
+        r = p.move_pages(0, [a + i * m.page_size for i in range(8)], [0] * 8)
+        assert r.status[poisoned] == -ce.EHWPOISON
+        nfree = m.free_pages(0)
+        b = p.mmap(nfree * m.page_size, node=0)     # every free frame of node 0
+        shadow.mmap(p, b, nfree * m.page_size, False)
+        check_machine(m, shadow)

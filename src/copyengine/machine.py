@@ -157,6 +157,7 @@ class Machine:
         self._retired = {}        # engines replaced while in use, closed by their last user
         self.quarantine = []      # (completion, heads): destinations an engine may still write
         self.recorder = None      # a copyengine.trace.Recorder while one is attached
+        self.offline_nodes = set()  # offline_node(): nodes that allocate nothing
         # The shared zero page: frame 0 of node 0, reserved for the machine's life.
         self.zero_pfn = int(self.buddy.alloc_exact(0, 0, 1)[0])
         mm = self.mem_map
@@ -241,6 +242,8 @@ class Machine:
 
     def alloc_folios(self, node: int, order: int, count: int) -> np.ndarray:
         """Allocate ``count`` folios through the allocation hook; ENOMEM (nothing kept) if short."""
+        if self.offline_nodes and node in self.offline_nodes:
+            raise oserror(errno.ENOMEM, f"node {node} is offline")
         heads = self._alloc_hook(node, order, count)
         if len(heads) < count:
             self.buddy.free(heads, order)
@@ -254,6 +257,8 @@ class Machine:
         """Like alloc_folios, but hand back however many (possibly none) the node had.
         ``direct``: the caller found only the built-in allocation hook registered, so the
         buddy allocator is called without pluggy's dispatch (the same result)."""
+        if self.offline_nodes and node in self.offline_nodes:  # nothing from an offline node
+            return np.empty(0, np.int64)
         if direct:
             heads = self.buddy.alloc(node, order, count)
         else:
@@ -299,6 +304,21 @@ class Machine:
                 assert taken, f"pfn {pfn} is neither allocated nor free"
             mm.flags[pfn] |= PG_hwpoison
             self._vmstat["nr_hwpoison"] += 1
+
+    def offline_node(self, node) -> int:
+        """Take ``node`` offline: see :func:`copyengine.migrate.mempolicy.offline_pages`."""
+        from .migrate.mempolicy import offline_pages
+        return offline_pages(self, node)
+
+    def online_node(self, node) -> None:
+        """Let ``node`` allocate again: see :func:`copyengine.migrate.mempolicy.online_pages`."""
+        from .migrate.mempolicy import online_pages
+        online_pages(self, node)
+
+    def demote(self, node, nr_pages) -> int:
+        """Demote up to ``nr_pages`` pages: see :func:`copyengine.migrate.mempolicy.demote_folios`."""
+        from .migrate.mempolicy import demote_folios
+        return demote_folios(self, node, nr_pages)
 
     # ----------------------------------------------------------------- processes
     def spawn(self, uid=1000, cap_sys_nice=False, mems_allowed=None):

@@ -276,7 +276,7 @@ class Process:
                 if hi > lo:
                     self._insert_vma(Vma(self, vma.start + (lo << shift), vma.start + (hi << shift),
                                          vma.node, vma.order, vma.obj, vma.pgoff + lo,
-                                         vma.ptes[lo:hi], vma.anon_vma))  # a view: page tables outlive VMAs
+                                         vma.ptes[lo:hi], vma.anon_vma, vma.policy))  # a view: page tables outlive VMAs
             if not vma.obj.vmas:
                 orphans.append(vma.obj)
         # Drop the PTE references first, then the page cache's: releasing an object
@@ -431,6 +431,10 @@ class Process:
         got = []
         try:
             for s in segs:
+                if s.vma.policy is not None:  # an mbind(2) policy picks the node(s)
+                    from ..migrate.mempolicy import policy_alloc_plan
+                    policy_alloc_plan(m, s, got)
+                    continue
                 p = s.plan
                 p["heads"], planned, p["new"] = [], p["new"], []
                 for order, idx in planned:
@@ -699,10 +703,10 @@ class Process:
                     # vma_needs_copy: no anon_vma, no page-table entries copied; the child
                     # maps these pages on its first touch.
                     child._insert_vma(Vma(child, vma.start, vma.end, vma.node, vma.order, vma.obj,
-                                          vma.pgoff, np.zeros_like(vma.ptes)))
+                                          vma.pgoff, np.zeros_like(vma.ptes), policy=vma.policy))
                     continue
                 cv = Vma(child, vma.start, vma.end, vma.node, vma.order, vma.obj, vma.pgoff,
-                         vma.ptes.copy(), True)
+                         vma.ptes.copy(), True, vma.policy)
                 present = (vma.ptes & PTE_PRESENT) != 0
                 pfns = pte_pfn(vma.ptes[present])
                 share = pfns != m.zero_pfn
@@ -753,6 +757,11 @@ class Process:
         """migrate_pages(2): see :func:`copyengine.migrate.syscalls.migrate_pages`."""
         from ..migrate.syscalls import migrate_pages
         return migrate_pages(self, pid, old_nodes, new_nodes)
+
+    def mbind(self, addr, length, mode, nodes=(), flags=0) -> None:
+        """mbind(2) on this process: see :func:`copyengine.migrate.mempolicy.do_mbind`."""
+        from ..migrate.mempolicy import do_mbind
+        do_mbind(self, addr, length, mode, nodes, flags)
 
 
 def split_folio(m, h):

@@ -46,14 +46,16 @@ class Vma:
     VMA gets one on its first anonymous folio (anon_vma_prepare; a 4 KiB zero-page read
     fault does not prepare one, a huge zero page fault does); a shared one never has one.
     fork copies page-table entries only of VMAs that have one (vma_needs_copy).
+    ``policy`` is its mbind(2) policy (vm_policy): None, or a migrate.mempolicy.MemPolicy.
     """
 
-    __slots__ = ("mm", "start", "end", "node", "order", "obj", "pgoff", "ptes", "anon_vma")
+    __slots__ = ("mm", "start", "end", "node", "order", "obj", "pgoff", "ptes", "anon_vma", "policy")
 
-    def __init__(self, mm, start, end, node, order, obj, pgoff, ptes, anon_vma=False):
+    def __init__(self, mm, start, end, node, order, obj, pgoff, ptes, anon_vma=False, policy=None):
         self.mm, self.start, self.end, self.node, self.order = mm, start, end, node, order
         self.obj, self.pgoff, self.ptes = obj, pgoff, ptes
         self.anon_vma = anon_vma
+        self.policy = policy
 
     @property
     def shared(self) -> bool:

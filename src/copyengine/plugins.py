@@ -9,7 +9,9 @@ short name. Third-party packages declare theirs in the entry-point group ``copye
 
 A plugin that cannot be imported, fails pluggy's validation, implements a hook that does
 not exist (a typo like ``copyengine_register_engine``), or whose
-``copyengine_register_engines`` raises is left out: it is listed in
+``copyengine_register_engines`` raises or registers a name
+:func:`copyengine.hookcheck.check_engine_name` refuses (whitespace, control characters,
+``,`` ``:`` ``|``) is left out: it is listed in
 :func:`plugin_report` as failed, with its error, and never breaks the core.
 
 Environment variables (read when a manager is made):

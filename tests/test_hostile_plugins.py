@@ -221,3 +221,9 @@ def test_destination_of_an_undone_folio_is_zeroed_before_reuse(poisoned):
         b = p.mmap(nfree * m.page_size, node=0)     # every free frame of node 0
         shadow.mmap(p, b, nfree * m.page_size, False)
         check_machine(m, shadow)
+
+
+def test_check_engine_survives_catches_an_engine_that_loses_data():
+    """The suite can fail: 'nocopy' reports every folio copied and copies nothing."""
+    with pytest.raises(AssertionError, match="engine 'nocopy' with hostile plugin"):
+        H.check_engine_survives("nocopy", labels=["raise-RuntimeError-migration_event"], entry_points=False)

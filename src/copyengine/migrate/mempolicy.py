@@ -226,6 +226,7 @@ def do_mbind(p, addr, length, mode, nodes, flags=0) -> None:
         queued, failed = _queue_pages(p, addr, end, pol, flags)
         for vma in list(p._overlapping(addr, end)):
             mbind_range(p, vma, addr, end, pol)
+        merge_vmas(p, addr - m.page_size, end + m.page_size)
         if queued:
             queued.sort(key=lambda q: q[0])
             heads = np.array([h for h, _ in queued], np.int64)
@@ -302,8 +303,8 @@ def _queue_pages(p, start, end, pol, flags):
 
 def mbind_range(p, vma, start, end, pol):
     """mbind_range / vma_modify_policy: split ``vma`` at ``start`` and ``end`` where they
-    fall inside it (split_vma), and set the policy of the part inside. Neighbours with
-    the same policy are not merged again (Linux's vma_merge would)."""
+    fall inside it (split_vma), and set the policy of the part inside; :func:`merge_vmas`
+    then joins neighbours that became alike (vma_merge)."""
     from ..mm.vma import Vma
     shift = p.machine.page_shift
     lo = (max(start, vma.start) - vma.start) >> shift
@@ -316,8 +317,27 @@ def mbind_range(p, vma, start, end, pol):
         if b > a:  # the page table slice is a view: the pieces share it, as munmap's split
             p._insert_vma(Vma(p, vma.start + (a << shift), vma.start + (b << shift), vma.node, vma.order,
                               vma.obj, vma.pgoff + a, vma.ptes[a:b], vma.anon_vma, policy=pl))
-    if not vma.obj.vmas:  # cannot happen (pieces were inserted), kept as a guard
-        raise AssertionError("mbind_range left an object without VMAs")
+
+
+def merge_vmas(p, start, end):
+    """vma_merge over [start, end): adjacent VMAs of one object, consecutive in it, with
+    the same node, folio order, anon_vma state and policy become one (their page-table
+    slices joined)."""
+    from ..mm.vma import Vma
+    vmas = p._overlapping(start, end)
+    i = 0
+    while i + 1 < len(vmas):
+        a, b = vmas[i], vmas[i + 1]
+        if (a.end == b.start and a.obj is b.obj and b.pgoff == a.pgoff + a.npages and a.node == b.node
+                and a.order == b.order and a.anon_vma == b.anon_vma and a.policy == b.policy):
+            p._remove_vma(a)
+            p._remove_vma(b)
+            joined = Vma(p, a.start, b.end, a.node, a.order, a.obj, a.pgoff, np.concatenate((a.ptes, b.ptes)),
+                         a.anon_vma, policy=a.policy)
+            p._insert_vma(joined)
+            vmas[i:i + 2] = [joined]
+        else:
+            i += 1
 
 
 # --------------------------------------------------------------------------- hotplug / tiering

@@ -76,7 +76,8 @@ def ref_check(sel, src, flags, refcount, rc):
 def restore_vma(ev, ep, ef, ew, n, want, to_dst, src, dst, ptes, mapcount, refcount):
     """remove_migration_ptes for the entries of folios with ``want[f]``: point them at
     the destination (``to_dst``) or back at the source, restoring map counts and folio
-    references. Entries of other folios are compacted to the front; returns their count."""
+    references; an entry no longer there (its range was unmapped meanwhile) is dropped.
+    Entries of other folios are compacted to the front; returns their count."""
     keep = 0
     for i in range(n):
         f = ef[i]
@@ -88,6 +89,8 @@ def restore_vma(ev, ep, ef, ew, n, want, to_dst, src, dst, ptes, mapcount, refco
             keep += 1
             continue
         p = ep[i]
+        if ptes[ev[i]] != (np.uint64(p) << PFN_SHIFT) | PTE_MIGRATION | ew[i]:
+            continue  # zapped meanwhile (munmap does not wait on a migration entry)
         if to_dst:
             p = dst[f] + (p - src[f])
             refcount[dst[f]] += 1

@@ -263,7 +263,9 @@ class Process:
             return [_Seg(v, (max(start, v.start) - v.start) >> shift, (min(end, v.end) - v.start) >> shift)
                     for v in self._overlapping(start, end)]
 
-        segs = self._wait_migration(resolve)
+        # zap_pte_range does not wait on a migration entry: it drops it, and the migration
+        # then finds nothing to restore there (the destination is freed if unmapped)
+        segs = resolve()
         released, orphans = [], []
         for s in segs:
             vma = s.vma

@@ -157,10 +157,8 @@ def migrate_with_fallback(m, heads, choose, mode, reason):
 
 
 # --------------------------------------------------------------------------- mbind
-def _policy_args(p, mode, nodes):
-    """mpol_new / mpol_set_nodemask: the new policy (None for MPOL_DEFAULT / LOCAL) or
-    EINVAL."""
-    m = p.machine
+def _parse_nodes(m, mode, nodes):
+    """sanitize_mpol_flags and get_nodes: the mode and the node ids (EINVAL, TypeError)."""
     if mode not in MPOL_MODES:
         raise oserror(errno.EINVAL, f"mode {mode}: not an MPOL_* mode")
     if nodes is None:
@@ -173,6 +171,13 @@ def _policy_args(p, mode, nodes):
         if not 0 <= n < m.nodes:
             raise oserror(errno.EINVAL, f"node {n} is not a node of this machine (0..{m.nodes - 1})")
         ids.add(n)
+    return ids
+
+
+def _new_policy(p, mode, ids):
+    """mpol_new / mpol_set_nodemask: the new policy (None for MPOL_DEFAULT / LOCAL) or
+    EINVAL."""
+    m = p.machine
     if mode in (MPOL_DEFAULT, MPOL_LOCAL):
         if ids:
             raise oserror(errno.EINVAL, "MPOL_DEFAULT and MPOL_LOCAL take no nodes")
@@ -181,7 +186,7 @@ def _policy_args(p, mode, nodes):
         if mode == MPOL_PREFERRED:  # an empty preferred mask is local allocation
             return None
         raise oserror(errno.EINVAL, "MPOL_BIND and MPOL_INTERLEAVE need at least one node")
-    ids &= p.mems_allowed - m.offline_nodes  # cpuset and N_MEMORY, as mpol_set_nodemask
+    ids = ids & (p.mems_allowed - m.offline_nodes)  # cpuset and N_MEMORY, as mpol_set_nodemask
     if not ids:
         raise oserror(errno.EINVAL, "no node of nodes is online and in the process's cpuset")
     if mode == MPOL_PREFERRED:
@@ -190,8 +195,10 @@ def _policy_args(p, mode, nodes):
 
 
 def do_mbind(p, addr, length, mode, nodes, flags=0) -> None:
-    """mbind(2), as do_mbind. Checks, in the kernel's order: flags (EINVAL), MOVE_ALL
-    without cap_sys_nice (EPERM), alignment (EINVAL), the mode and nodes (EINVAL), then,
+    """mbind(2), as ksys_mbind and do_mbind. Checks, in the kernel's order: the mode and
+    node ids (EINVAL), flags (EINVAL), MOVE_ALL without cap_sys_nice (EPERM), alignment
+    (EINVAL); an empty range then returns; then the nodes for the mode (EINVAL: none for
+    BIND / INTERLEAVE, some for DEFAULT / LOCAL, none left in the cpuset and online) and,
     under the lock, a range not fully mapped (EFAULT); none of these changes anything.
     Then the policy is set on the range (mbind_range) and, with MOVE or MOVE_ALL, folios
     of the range on a node the policy does not allow are migrated (MR_MEMPOLICY_MBIND)
@@ -204,6 +211,7 @@ def do_mbind(p, addr, length, mode, nodes, flags=0) -> None:
     m = p.machine
     addr, length = _int(addr, "addr"), _int(length, "length")
     mode, flags = _int(mode, "mode"), _int(flags, "flags")
+    ids = _parse_nodes(m, mode, nodes)
     if flags & ~MPOL_MF_VALID:
         raise oserror(errno.EINVAL, f"flags {flags:#x}: only MPOL_MF_STRICT, MOVE and MOVE_ALL")
     if flags & MPOL_MF_MOVE_ALL and not p.cap_sys_nice:
@@ -215,11 +223,11 @@ def do_mbind(p, addr, length, mode, nodes, flags=0) -> None:
     end = addr + (-(-length // m.page_size) * m.page_size)
     with m.lock:
         p._enter()
-        pol = _policy_args(p, mode, nodes)
         if mode == MPOL_DEFAULT:
             flags &= ~MPOL_MF_STRICT
         if end == addr:
             return
+        pol = _new_policy(p, mode, ids)
         p._span(addr, end - addr)  # EFAULT for a hole, before anything changes
         # No migration entry in the VMAs to split: a batch in flight holds them.
         p._wait_migration(lambda: [_seg(p, v) for v in p._overlapping(addr, end)])

@@ -29,6 +29,8 @@ page sizes: FOLIO[@BASE]: 4KiB, 64KiB (64 KiB base pages), 2MiB (2 MiB folios on
 base pages), 2MiB@64KiB (2 MiB folios on 64 KiB base pages, as the seed on arm64).
 configurations: engine specs: vanilla, serial, mt:N, opencl, auto, or a plugin's engine;
 unavailable ones are reported as n/a columns.
+scenarios: --scenario overhead|engines|populate replaces the old bench/*.py scripts;
+--quick, --repeat, --configs (engines), --busy and --json apply to them too.
 exit status: 0 all cells verified, 1 some cell failed (reported, not counted), 2 bad options.
 """
 
@@ -73,6 +75,11 @@ def add_arguments(p):
                         "unavailability window, one line per configuration (needs matplotlib)")
     p.add_argument("--tradeoff-row", metavar="SIZE:COUNT", default="4KiB:4096",
                    help="the row --tradeoff runs (default 4KiB:4096)")
+    p.add_argument("--scenario", default="tables", choices=("tables", "overhead", "engines", "populate"),
+                   help="tables (default): the seed's move_pages() tables; overhead: the model's cost "
+                        "per call and per folio, and the framework's alone (nocopy engine); engines: "
+                        "every copy engine outside migration on jobs from 64 B to 1 GiB, and the cold "
+                        "start; populate: faulting memory in against numpy, and its RSS")
     p.add_argument("--busy", metavar="K", type=_int_arg("--busy", 0), default=0,
                    help="run K CPU-bound processes beside the bench for the whole run (default 0)")
     p.add_argument("--batch", metavar="PAGES", type=_int_arg("--batch"),
@@ -144,6 +151,8 @@ def run(args) -> int:
         return _err(str(e))
 
     progress = False if args.no_progress else None
+    if getattr(args, "scenario", "tables") != "tables":
+        return _run_scenario(args, run_pm)
     try:
         with busy(getattr(args, "busy", 0)) as load:
             res = run_bench(page_sizes=args.page_size, counts=args.counts, configs=args.configs,
@@ -183,6 +192,34 @@ def run(args) -> int:
         return 1
     failed = [r for r in res["results"] if not r["verified"] and not r.get("unavailable")]
     return 1 if failed else 0
+
+
+def _run_scenario(args, pm) -> int:
+    """``--scenario overhead|engines|populate`` (see :mod:`.extra`)."""
+    import json
+    from .busy import busy
+    from .extra import run_scenario
+    from .scenarios import split_list
+    try:
+        configs = split_list(args.configs, "--configs") if args.configs else None
+        with busy(getattr(args, "busy", 0)) as load:
+            res, text = run_scenario(args.scenario, quick=args.quick, repeat=args.repeat, configs=configs,
+                                     plugin_manager=pm)
+    except ValueError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        print("copyengine bench: interrupted", file=sys.stderr)
+        return 130
+    res = {"schema": "copyengine-bench-scenario/1", "scenario": args.scenario, "busy": len(load), **res}
+    print(text)
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1, default=float)
+        except OSError as e:
+            print(f"copyengine bench: error: cannot write results: {e}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def _pm(pm):

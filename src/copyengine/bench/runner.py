@@ -110,7 +110,7 @@ def interleave_groups(configs, row_bytes, available=None) -> list:
         available = sysinfo._meminfo().get("MemAvailable")
     if not available or not configs:
         return [list(configs)] if configs else []
-    need = _node_size(row_bytes) * 2 * 1.1
+    need = (2 * row_bytes + 32 * MiB) * 1.1   # resident: the source and the destination
     k = max(1, int(available * MEMORY_SHARE // need))
     return [list(configs[i:i + k]) for i in range(0, len(configs), k)]
 

@@ -183,13 +183,15 @@ class Register:
         register("hooked", lambda arg, machine: self.engine, "runs a callback in its first copy")
 
 
-@pytest.mark.parametrize("what", ["munmap-later", "pin-later", "munmap-split"])
+@pytest.mark.parametrize("what", ["fork", "munmap-later", "pin-later", "munmap-split"])
 def test_what_happens_during_an_earlier_batch_copy_is_seen_by_later_batches(fast_calls, what):
     state = {}
 
     def before():
         p, a = state["p"], state["a"]
-        if what == "munmap-later":
+        if what == "fork":  # copies the batch's migration entries; finalize maps both
+            state["child"] = p.fork()
+        elif what == "munmap-later":
             p.munmap(a + 9 * PS, PS)
         elif what == "pin-later":
             state["pin"] = p.pin(a + 10 * PS, PS)
@@ -218,6 +220,8 @@ def test_what_happens_during_an_earlier_batch_copy_is_seen_by_later_batches(fast
             want = -16 if what == "pin-later" and i == 10 else 1
             assert r.status[i] == want
             assert p.node_of(a + i * PS) == (0 if want != 1 else 1)
+        if what == "fork":
+            assert state["child"].read(a, 12 * PS) == data
         check_machine(m)
         if "pin" in state:
             state["pin"].release()

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..engines.memops import NT_BYTES
 from ..mm.pageflags import PG_anon, PG_head, PG_isolated, PG_locked, PG_swapbacked
+from ..mm.pte import PTE_MIGRATION, PTE_WRITE, pte_pfn
 from ..uapi import MR_SYSCALL
 from . import kernels
 from .accounting import SPLIT, count_migrate, migrate_stats
@@ -70,6 +71,7 @@ class MigrationBatch:
         self.copied, self.moved, self.stray = flags  # stray: destinations an engine may still write
         self.stragglers = []  # (completion, folios) of jobs whose engine did not stop
         self.entries = []  # [vma, ev, ep, ef, ew, n]
+        self.rmap = {}     # owner id -> the VMAs its rmap walk found at unmap
         self.split = []    # pages of large folios split for want of memory
 
     def __len__(self):
@@ -149,6 +151,7 @@ def migrate_folio_unmap(b: MigrationBatch) -> None:
         obj = m.objects.get(oid)
         if obj is None:
             continue
+        b.rmap[oid] = list(obj.vmas)  # VMAs added later (a fork in the copy) are walked at finalize
         for vma in obj.vmas:
             ev = np.empty(npages, np.int64)
             ep = np.empty(npages, np.int64)
@@ -167,7 +170,9 @@ def migrate_folio_unmap(b: MigrationBatch) -> None:
 
 def _restore_ptes(b, folios, to_src):
     """remove_migration_ptes for ``folios``: their entries point at the source (undo) or
-    the destination (success) again, with map counts and references."""
+    the destination (success) again, with map counts and references. Like the kernel's,
+    it walks the rmap again: a VMA forked from one of the batch's while it was copying
+    holds copies of its migration entries, and they are restored too."""
     if not len(folios) or not b.entries:
         return
     mm = b.m.mem_map
@@ -178,6 +183,30 @@ def _restore_ptes(b, folios, to_src):
         e[5] = kernels.restore_vma(ev, ep, ef, ew, n, want, not to_src, b.src, b.dst, vma.ptes,
                                    mm.mapcount, mm.refcount)
     b.entries = [e for e in b.entries if e[5]]
+    for oid, seen in b.rmap.items():
+        obj = b.m.objects.get(oid)
+        for vma in (obj.vmas if obj is not None else ()):
+            if not any(vma is v for v in seen):
+                _restore_copied_entries(b, vma, want, to_src)
+
+
+def _restore_copied_entries(b, vma, want, to_src):
+    """The migration entries of ``vma`` (made after unmap, by fork) that name pages of
+    the wanted folios, restored like the batch's own."""
+    mm = b.m.mem_map
+    idx = np.flatnonzero((vma.ptes & PTE_MIGRATION) != 0)
+    if not len(idx):
+        return
+    pfn = pte_pfn(vma.ptes[idx])
+    order = np.argsort(b.src)
+    pos = np.searchsorted(b.src[order], mm.head[pfn])
+    pos = np.minimum(pos, len(b) - 1)
+    f = order[pos]
+    mine = (b.src[f] == mm.head[pfn]) & want[f]
+    if mine.any():
+        ew = vma.ptes[idx[mine]] & PTE_WRITE
+        kernels.restore_vma(idx[mine], pfn[mine], f[mine], ew, int(mine.sum()), want, not to_src, b.src, b.dst,
+                            vma.ptes, mm.mapcount, mm.refcount)
 
 
 def migrate_folios_batch_move(b: MigrationBatch, sel) -> None:

@@ -434,6 +434,7 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
     times = m.migrate_times
     t0 = time.perf_counter()
     b = MigrationBatch(m, heads, node, dst, order)
+    b.rmap[vma.obj.id] = [vma]
     n = len(heads)
     npages = n << order
     ev, ep, ef = (np.empty(npages, np.int64) for _ in range(3))
@@ -472,7 +473,7 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
         migrate_folios_finalize(b)
         raise
     t2 = time.perf_counter()
-    if b.copied.all():
+    if b.copied.all() and len(vma.obj.vmas) == 1 and vma.obj.vmas[0] is vma:  # no fork meanwhile
         freed = finalize_all(sel, b.src, b.dst, b.nr, ev, ep, ef, ew, k, b.copied, vma.ptes, *mm.arrays(),
                              m.frames_per_node, m.max_order, *m.buddy.lists())
         m._vmstat["pgfree"] += int(freed)

@@ -89,14 +89,16 @@ def restore_vma(ev, ep, ef, ew, n, want, to_dst, src, dst, ptes, mapcount, refco
             keep += 1
             continue
         p = ep[i]
-        if ptes[ev[i]] != (np.uint64(p) << PFN_SHIFT) | PTE_MIGRATION | ew[i]:
+        cur = ptes[ev[i]]
+        if (cur & ~PTE_WRITE) != (np.uint64(p) << PFN_SHIFT) | PTE_MIGRATION:
             continue  # zapped meanwhile (munmap does not wait on a migration entry)
         if to_dst:
             p = dst[f] + (p - src[f])
             refcount[dst[f]] += 1
         else:
             refcount[src[f]] += 1
-        ptes[ev[i]] = (np.uint64(p) << PFN_SHIFT) | PTE_PRESENT | ew[i]
+        # the entry's write bit now: a fork meanwhile made it read-only (copy-on-write)
+        ptes[ev[i]] = (np.uint64(p) << PFN_SHIFT) | PTE_PRESENT | (cur & PTE_WRITE)
         mapcount[p] += 1
     return keep
 

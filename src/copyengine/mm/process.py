@@ -677,7 +677,9 @@ class Process:
         mm = m.mem_map
         with m.lock:
             self._enter()
-            self._wait_migration(self._all_segs)
+            # No wait on migration entries: copy_nonpresent_pte copies them to the child
+            # (read-only in both, for copy-on-write), and the migration's finalize walks the
+            # rmap again and maps the destination in the child too.
             # Pinned private pages need their own copy in the child: allocate first.
             copies = []
             try:
@@ -733,6 +735,9 @@ class Process:
                     wp = np.nonzero(present)[0][share]
                     vma.ptes[wp] &= ~PTE_WRITE
                     cv.ptes[wp] &= ~PTE_WRITE
+                    mig = (vma.ptes & PTE_MIGRATION) != 0
+                    vma.ptes[mig] &= ~PTE_WRITE
+                    cv.ptes[mig] &= ~PTE_WRITE
                 child._insert_vma(cv)
             return child
 

@@ -104,7 +104,7 @@ class Workload:
         v[i1[k1]] = s1[k1]
         return v
 
-    def _write_pattern(self, chunk=4 * MiB):
+    def _write_pattern(self, chunk=1 * MiB):
         """The process writes every byte through ``Process.write`` (faulting it in on node 0)."""
         words = chunk // 8
         for lo in range(0, self.total // 8, words):
@@ -186,23 +186,26 @@ class Workload:
             i = int(np.nonzero(~ok)[0][0])
             raise VerifyError(f"{int((~ok).sum())} of {self.npages} base pages hold wrong stamps "
                               f"(page {i}: {int(got0[i]):#x}, expected {int(s0[i]):#x}): not copied?")
-        # a random sample of pattern words: 4 per base page, at least 64 per folio
+        # a random sample of pattern words: 4 per base page, at least 64 per folio; in
+        # blocks of pages, so that the check's temporaries stay small beside the row (the
+        # bench's memory check counts them: at 4 KiB x 65536 one block was 160 MiB)
         per_page = max(4, -(-64 // ppf))
-        idx = self.rng.integers(1, self.wpp - 1, size=(self.npages, per_page), dtype=np.int64)
-        idx += (np.arange(self.npages, dtype=np.int64) * self.wpp)[:, None]
-        idx = idx.ravel()
-        page = idx // self.wpp
-        phys = pfns[page] * self.wpp + (idx - page * self.wpp)
-        got = mem64[phys]
-        want = idx.astype(np.uint64) * _K + self.seed
-        bad = got != want
-        if bad.any():
-            raise VerifyError(f"{int(bad.sum())} of {len(idx)} sampled words differ "
-                              f"(first at byte {int(idx[np.argmax(bad)]) * 8} of the mapping)")
+        block = max(1, (1 << 18) // per_page)
+        for lo in range(0, self.npages, block):
+            hi = min(lo + block, self.npages)
+            idx = self.rng.integers(1, self.wpp - 1, size=(hi - lo, per_page), dtype=np.int64)
+            idx += (np.arange(lo, hi, dtype=np.int64) * self.wpp)[:, None]
+            idx = idx.ravel()
+            page = idx // self.wpp
+            got = mem64[pfns[page] * self.wpp + (idx - page * self.wpp)]
+            bad = got != idx.astype(np.uint64) * _K + self.seed
+            if bad.any():
+                raise VerifyError(f"{int(bad.sum())} of {len(idx)} sampled words differ "
+                                  f"(first at byte {int(idx[np.argmax(bad)]) * 8} of the mapping)")
         if full:
             self.full_compare()
 
-    def full_compare(self, chunk=8 * MiB):
+    def full_compare(self, chunk=2 * MiB):
         """Every byte, read back through ``Process.read``."""
         words = chunk // 8
         total_words = self.total // 8

@@ -48,6 +48,7 @@ class Load:
         self.dsh = pattern(8 * PS, 1)
         p.write(self.sh, self.dsh)
         self.c = p.fork()
+        assert self.c.read(self.sh, 8 * PS) == self.dsh  # fork copied no shared PTEs (vma_needs_copy)
         self.n = n
         self.a = p.mmap(n * PS)
         self.da = pattern(n * PS, 2)

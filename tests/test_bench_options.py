@@ -60,7 +60,7 @@ def test_overhead_probe_reports_its_fields():
 
 
 def test_the_batch_option_reaches_the_machines_and_every_cell_has_its_costs():
-    res = run_bench(page_sizes="4KiB", counts=[256], configs=["serial", "mt:2"], repeat=2, ceiling=10.0,
+    res = run_bench(page_sizes="4KiB", counts=[256], configs=["serial", "mt:2"], repeat=2, ceiling=10.0, quick=True,
                     progress=False, batch=8)
     assert res["settings"]["batch"] == 8
     for r in res["results"]:

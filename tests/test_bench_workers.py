@@ -159,3 +159,14 @@ def test_unknown_scenario_is_a_usage_error(capsys):
     assert bench_cli.main(["--scenario", "nosuch"]) == 2
     with pytest.raises(ValueError, match="--scenario"):
         run_scenario("tables")
+
+
+def test_workers_exit_when_the_bench_is_killed():
+    code = ("import os\nfrom copyengine.bench.worker import ProcessWorker\n"
+            "w = ProcessWorker(timeout=60)\nprint(w.call('pid'), flush=True)\nos._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)

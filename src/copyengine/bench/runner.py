@@ -274,7 +274,7 @@ def _assemble(plan, cells, info, ceil, memory, overhead, opts, isolation, t_star
 def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=False, *,
               warmup=1, progress=None, plugin_manager=None, plugins=(), ceiling=None,
               full_check_bytes=16 * MiB, final_check_bytes=512 * MiB, seed=12345,
-              log=None, batch=None, isolate=None) -> dict:
+              log=None, batch=None, isolate=None, model_overhead=True) -> dict:
     """Run the bench and return the results as a dict in the JSON schema (see README).
 
     :param page_sizes: tokens like ``"4KiB"``, ``"2MiB@64KiB"`` (list or comma string);
@@ -292,6 +292,7 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
         in every worker too.
     :param isolate: True: each configuration in its own worker process; False: all in this
         process; None (default): workers unless ``plugin_manager`` is given.
+    :param model_overhead: measure the model's own overhead for the header (default).
     :param ceiling: None to measure it (in a child process, before the runs and, except
         with ``quick``, again between page sizes and after them: the best sample counts),
         a float GB/s to use as is, or a dict as :func:`sysinfo.measure_ceiling` returns.
@@ -309,9 +310,11 @@ def run_bench(page_sizes=None, counts=None, configs=None, repeat=None, quick=Fal
     info = sysinfo.machine_info(pm)
     sample_ceiling, samples, ceil = _ceiling_sampler(ceiling, plan.quick, say)
     sample_ceiling("start")
-    say("measuring the model's own overhead ...")
-    overhead = measure_overhead(folios=8192 if plan.quick else 65536, calls=50 if plan.quick else 300,
-                                repeat=2 if plan.quick else 5, plugin_manager=pm)
+    overhead = None
+    if model_overhead:   # the header's figures (--tradeoff's repeated runs skip them)
+        say("measuring the model's own overhead ...")
+        overhead = measure_overhead(folios=8192 if plan.quick else 65536, calls=50 if plan.quick else 300,
+                                    repeat=2 if plan.quick else 5, plugin_manager=pm)
     gc.collect()
     workers = _start_workers(plan.configs, plugin_manager, plugins, isolate)
     isolation = "process per configuration (spawn)" if any(w.isolated for w in workers.values()) \

@@ -39,7 +39,8 @@ def run_tradeoff(row="4KiB:4096", configs=None, repeat=3, plugin_manager=None, c
     points, ceil = [], ceiling
     for batch in batch_sizes(ps.base_page, count * ps.pages_per_folio):
         res = run_bench(page_sizes=token, counts=[count], configs=configs, repeat=repeat, ceiling=ceil,
-                        plugin_manager=plugin_manager, progress=progress, batch=batch)
+                        plugin_manager=plugin_manager, progress=progress, batch=batch,
+                        model_overhead=False)
         ceil = res["ceiling_gbps"] if ceil is None else ceil
         for r in res["results"]:
             if r["verified"]:

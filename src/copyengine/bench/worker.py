@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import time
 
 import numpy as np
 
@@ -94,9 +95,9 @@ class RowRunner:
         Returns {"error": ..., "unavailable": bool} or {"pid": ...}."""
         import copyengine as ce
         from ..errors import EngineUnavailable
-        self.finish()
+        self.finish(collect=False)
         ps = sc.parse_page_size(token)
-        gc.collect()
+        gc.collect()   # one full collection (~0.1 s with Numba loaded) before the baseline
         self.reset = sysinfo.reset_peak_rss()
         rss = sysinfo.rss_bytes()
         self.base_rss = rss.get("VmRSS") if self.reset else rss.get("VmHWM", rss.get("VmRSS"))
@@ -159,13 +160,15 @@ class RowRunner:
         self.finish()
         return {"error": err, "memory": mem}
 
-    def finish(self) -> None:
+    def finish(self, collect=True) -> None:
+        had = self.m is not None
         if self.wl is not None:
             self.wl.close()
         if self.m is not None:
             self.m.close()
         self.m = self.wl = None
-        gc.collect()
+        if had and collect:
+            gc.collect()   # the machine's memory goes back to the host before the next row
 
 
 class LocalWorker:
@@ -186,8 +189,22 @@ class LocalWorker:
         return self
 
 
-def _serve(conn, plugins):
+def _orphan_guard(parent):
+    """Exit as soon as the bench that started this worker is gone (even a SIGKILL of it),
+    instead of finishing a long row for nobody."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="orphan-guard").start()
+
+
+def _serve(conn, plugins, parent=None):
     """The worker process: answer (method, args, kwargs) requests until None or EOF."""
+    if parent is not None:
+        _orphan_guard(parent)
     runner = RowRunner(plugins=plugins)
     while True:
         try:
@@ -218,7 +235,7 @@ class ProcessWorker:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.timeout = timeout
-        self.proc = ctx.Process(target=_serve, args=(child, tuple(plugins)), daemon=True,
+        self.proc = ctx.Process(target=_serve, args=(child, tuple(plugins), os.getpid()), daemon=True,
                                 name="copyengine-bench-worker")
         self.proc.start()
         child.close()

@@ -148,8 +148,8 @@ class RowRunner:
         if full and self.wl is not None:
             try:
                 self.wl.full_compare()
-            except VerifyError as e:
-                err = f"verification failed at the end of the row: {e}"
+            except Exception as e:
+                err = f"{_describe(e)} (the full compare at the end of the row)"
         mem = None
         if self.m is not None:
             touched = sysinfo.mapping_rss(self.m.mem.ctypes.data)

@@ -64,12 +64,19 @@ def test_runs_are_interleaved_and_every_sample_is_kept(isolated):
 
 def test_memory_is_measured_per_worker_and_row(isolated):
     mem = isolated["memory"]
+    pids = {r["config"]: r["worker_pid"] for r in isolated["results"]}
     assert len(mem["per_row"]) == 4
     for row in mem["per_row"]:
-        assert row["pid"] in {r["worker_pid"] for r in isolated["results"]}
+        assert row["pid"] == pids[row["config"]]
         assert row["sim_touched_bytes"] > 0 and row["peak_rss_growth_bytes"] is not None
-        assert row["within_limit"] is None           # rows this small are reported, not judged
-    assert mem["within_limit"] is None and mem["judged_rows"] == 0
+    assert {(w["config"], w["page_size"]) for w in mem["per_worker"]} == {("serial", "4KiB"), ("mt:1", "4KiB")}
+    for w in mem["per_worker"]:   # judged on the worker's largest row
+        rows = [r for r in mem["per_row"] if r["config"] == w["config"]]
+        assert w["sim_touched_bytes"] == max(r["sim_touched_bytes"] for r in rows)
+        assert w["peak_rss_growth_bytes"] == max(r["peak_rss_growth_bytes"] for r in rows)
+        assert w["limit_bytes"] == int(w["sim_touched_bytes"] * 1.1)
+        assert w["within_limit"] == (w["peak_rss_growth_bytes"] <= w["sim_touched_bytes"] * 1.1)
+    assert mem["within_limit"] == all(w["within_limit"] for w in mem["per_worker"])
 
 
 def test_a_plugin_manager_object_keeps_the_runs_in_this_process():

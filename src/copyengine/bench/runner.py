@@ -48,6 +48,8 @@ MiB, GiB = 1 << 20, 1 << 30
 
 #: a worker's rows may take this fraction of the host's available memory, all together
 MEMORY_SHARE = 0.6
+#: a worker whose largest row touches less is reported, not judged (heap noise decides)
+MEMORY_JUDGED_BYTES = 64 * MiB
 
 __all__ = ["run_bench", "make_plan", "Plan", "Progress", "BenchError", "VerifyError", "EngineFailed",
            "Workload", "Cell", "PHASES", "SCHEMA", "TARGETS", "evaluate_targets", "interleave_groups"]
@@ -228,9 +230,12 @@ def _memory(cells) -> dict:
                         "baseline_rss_bytes": rs[-1]["baseline_rss_bytes"],
                         "peak_rss_bytes": max((r["peak_rss_bytes"] or 0) for r in rs),
                         "limit_bytes": int(touched * 1.10) if touched else None,
-                        "within_limit": (growth <= touched * 1.10) if (growth is not None and touched) else None})
+                        # below MEMORY_JUDGED_BYTES a few MiB of heap would decide it (--quick)
+                        "within_limit": (growth <= touched * 1.10)
+                        if (growth is not None and touched >= MEMORY_JUDGED_BYTES) else None})
     judged = [w for w in workers if w["within_limit"] is not None]
-    worst = max(judged, key=lambda w: w["peak_rss_growth_bytes"] / w["sim_touched_bytes"], default={})
+    worst = max(judged or [w for w in workers if w["peak_rss_growth_bytes"] is not None and w["sim_touched_bytes"]],
+                key=lambda w: w["peak_rss_growth_bytes"] / w["sim_touched_bytes"], default={})
     return {
         "sim_touched_bytes": worst.get("sim_touched_bytes"),
         "sim_touched_max_bytes": max((w["sim_touched_bytes"] for w in workers), default=0),
@@ -244,7 +249,8 @@ def _memory(cells) -> dict:
         "note": ("per worker process and page size: sim_touched_bytes is the host memory backing the "
                  "simulated memory of its largest row (its mapping's Rss), growth the largest growth of the "
                  "worker's peak RSS over one row, from just before that row's machine was built; "
-                 "limit = 1.1 x touched; the top-level figures are the worst worker"),
+                 f"limit = 1.1 x touched, judged where touched >= {MEMORY_JUDGED_BYTES >> 20} MiB; the "
+                 "top-level figures are the worst judged worker"),
     }
 
 

@@ -208,8 +208,11 @@ def _restore(m, vma, i, old):
         m.cond.notify_all()
 
 
-@pytest.mark.parametrize("access", ["read", "write", "node_of", "munmap", "fork", "exit"])
+@pytest.mark.parametrize("access", ["read", "write", "node_of"])
 def test_access_waits_on_a_migration_entry(machine, access):
+    """Accesses wait on a migration entry. munmap, fork and exit do not (zap_pte_range
+    drops the entry, copy_nonpresent_pte copies it): tests/test_copy_window.py and
+    tests/test_core_safety.py run them inside a real migration's copy."""
     m = machine
     p = m.spawn()
     a = p.mmap(4 * PS, node=1)

@@ -447,3 +447,30 @@ def test_a_synchronous_engine_over_a_late_writer_quarantines_on_the_cheap_path_t
         time.sleep(0.4)  # every worker thread of the retries has written by now
         assert p.read(a, len(data)) == data
         check_machine(m)
+
+
+def test_exit_during_the_copy_frees_everything_once_the_migration_ends():
+    """exit does not wait on migration entries (it zaps them): the migration then finds
+    nothing to remap, and frees both the source and the unused destination."""
+    done = []
+
+    class Exit:
+        p = None
+
+        @ce.hookimpl(wrapper=True)
+        def copyengine_batch_copy(self, machine, engine, job):
+            if self.p is not None and not done:
+                done.append(True)
+                self.p.exit()
+            return (yield)
+
+    plug = Exit()
+    with machine(plug) as m:
+        m.set_engine("serial")
+        p, a, data, addrs = loaded(m, pages=4)
+        plug.p = p
+        r = p.move_pages(0, addrs, [1] * 4)
+        assert done and not p.alive
+        assert r.ret == 0 and r.status == [1] * 4  # the call ran to its end
+        check_machine(m)
+        assert m.free_pages() == m.total_frames - 1

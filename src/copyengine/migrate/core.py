@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engines.memops import NT_BYTES
-from ..mm.pageflags import PG_anon, PG_head, PG_isolated, PG_locked, PG_swapbacked
+from ..mm.pageflags import PG_anon, PG_head, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
 from ..mm.pte import PTE_MIGRATION, PTE_WRITE, pte_pfn
 from ..uapi import MR_SYSCALL
 from . import kernels
@@ -292,6 +292,8 @@ def migrate_folios_finalize(b: MigrationBatch) -> None:
         _undo_move(b, undo[b.moved[undo]])
         _restore_ptes(b, undo, to_src=True)
         kernels.unlock(undo, b.src, mm.flags)
+        # an engine may have written them before failing: zeroed before anyone maps them
+        mm.flags[b.pages(b.dst, undo)] |= PG_nonzero
         stray = b.stray[undo]
         m.free_folios(b.dst[undo[~stray]])
         for completion, part in b.stragglers:

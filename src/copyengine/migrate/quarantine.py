@@ -46,6 +46,8 @@ def release_quarantine(m, timeout: float = 0.0) -> int:
         left = deadline - time.monotonic()
         if completion.retired() or (left > 0 and completion._retired.wait(left)):
             pages = int((np.left_shift(1, m.mem_map.order[heads].astype(np.int64))).sum())
+            mm = m.mem_map
+            mm.flags[mm.folio_pages(heads, mm.order[heads])] |= PG_nonzero  # written late: zero before reuse
             m.free_folios(heads)
             m.count("nr_quarantined_pages", -pages)
         else:

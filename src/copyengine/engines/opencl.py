@@ -65,10 +65,11 @@ from .base import PENDING, Capabilities, Completion, Engine
 DEFAULT_CHANNELS = 2
 MAX_CHANNELS = 16
 #: below this many bytes a batch is not worth offloading (the ``min_bytes`` capability the
-#: policy reads). Measured with bench/bench_opencl.py on PoCL over 2 CPU cores: ~75 us per
-#: submit+wait of a tiny job, and opencl:2 overtakes ``serial`` (folio_mc_copy) between
-#: 4 and 8 MiB for 4 KiB folios and between 8 and 16 MiB for 2 MiB folios: the device
-#: copies on the very CPUs it would relieve. A default batch (512 base pages) is 2 MiB.
+#: policy reads). Measured on PoCL over 2 CPU cores (``copyengine bench --scenario engines
+#: --configs serial,opencl`` repeats it): ~75 us per submit+wait of a tiny job, and
+#: opencl:2 overtakes ``serial`` (folio_mc_copy) between 4 and 8 MiB for 4 KiB folios
+#: and between 8 and 16 MiB for 2 MiB folios: the device copies on the very CPUs it would
+#: relieve. A default batch (512 base pages) is 2 MiB.
 MIN_BYTES = 8 << 20
 #: bytes one work-group copies (chunks are cut at absolute source multiples of this)
 CHUNK = 256 << 10

@@ -129,6 +129,7 @@ def test_ping_pong_with_writers(kind, sharing):
         procs = [p]
         if sharing != "private":
             procs.append(p.fork())
+            procs[-1].read(a, size)  # fork copies no PTEs of a shared mapping (vma_needs_copy)
         # each process gets two writers, each owning its own quarter (or half) of the range
         nw = 2 * len(procs)
         part = size // nw

@@ -227,13 +227,14 @@ def test_property_no_byte_lost(ops, seed):
         check_machine(m, sh)
 
 
-@pytest.mark.xfail(strict=True, reason="migrate/syscalls.py and fastpath.py (the lead's) do not look at "
-                                       "Machine.offline_nodes: the fast path takes frames from the buddy "
-                                       "allocator directly; Linux refuses a node without memory (N_MEMORY)")
 def test_move_pages_and_migrate_pages_refuse_an_offline_node(m3):
     p = m3.spawn()
     a = p.mmap(4 * PS, node=0)
     m3.offline_node(2)
     raises_errno(errno.ENODEV, p.move_pages, 0, [a], [2])  # do_pages_move: !node_state(N_MEMORY)
-    raises_errno(errno.EINVAL, p.migrate_pages, 0, [0], [2])  # kernel_migrate_pages: not a subset of N_MEMORY
+    raises_errno(errno.ENODEV, p.move_pages, 0, [a, a + PS], [2, 2])
+    # the node has left every cpuset: EPERM without cap_sys_nice, dropped with it
+    raises_errno(errno.EPERM, p.migrate_pages, 0, [0], [2])
+    root = m3.spawn(cap_sys_nice=True)
+    raises_errno(errno.EINVAL, root.migrate_pages, p.pid, [0], [2])
     assert used(m3, 2) == 0

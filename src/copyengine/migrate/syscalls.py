@@ -240,7 +240,8 @@ def do_pages_move(target, addrs, nodes, migrate_all) -> MovePagesResult:
     if not n:
         return MovePagesResult(0, [])
     node = int(nodes[0])
-    if (n == 1 or (nodes == node).all()) and 0 <= node < m.nodes and node in target.mems_allowed:
+    if (n == 1 or (nodes == node).all()) and 0 <= node < m.nodes and node in target.mems_allowed \
+            and node not in m.offline_nodes:
         fast = move_pages_fast(target, addrs, node)  # None: the call needs the full path
         if fast is not None:
             return MovePagesResult(fast[0], fast[1].tolist())
@@ -266,7 +267,7 @@ def do_pages_move(target, addrs, nodes, migrate_all) -> MovePagesResult:
         for r in range(len(runs) - 1):
             i, j = int(runs[r]), int(runs[r + 1])
             node = int(nodes[i])
-            if not 0 <= node < m.nodes:
+            if not 0 <= node < m.nodes or node in m.offline_nodes:  # !node_state(node, N_MEMORY)
                 raise _Stop(errno.ENODEV, f"node {node} does not exist (entry {i})")
             if node not in target.mems_allowed:
                 raise _Stop(errno.EACCES, f"node {node} is outside the process's cpuset (entry {i})")
@@ -348,6 +349,8 @@ def migrate_pages(caller, pid, old_nodes, new_nodes) -> int:
     with m.lock:
         caller._enter()
         target = find_mm_struct(caller, pid)
+        if new & m.offline_nodes:  # a node without memory has left every cpuset (cpuset_hotplug)
+            absent, new = True, new - m.offline_nodes
         if (absent or not new <= target.mems_allowed) and not caller.cap_sys_nice:
             raise oserror(errno.EPERM, "new_nodes outside the target's cpuset need cap_sys_nice")
         new = new & caller.mems_allowed

@@ -119,7 +119,7 @@ def copyengine_register_engines(register):
     :param register: ``register(name, factory, description="")``, called once per engine.
 
         * ``name`` is the spec prefix (``"mt"`` for ``"mt:4"``): a non-empty string without
-          ``:``, ``,`` or spaces. The first plugin to register a name wins (built-ins come
+          whitespace, control characters, ``:``, ``,`` or ``|`` (``hookcheck.check_engine_name``). The first plugin to register a name wins (built-ins come
           first); a later claim is ignored and reported as a conflict.
         * ``factory(arg, machine)`` receives the text after the colon (``"4"`` for
           ``"mt:4"``, or None for ``"mt"``) and the :class:`copyengine.Machine`, and returns

@@ -17,10 +17,10 @@ from ..engines.base import CopyJob, CopyStillRunning, run_engine
 from ..engines.memops import NT_BYTES
 from ..engines.serial import SerialEngine
 from ..errors import PluginError
-from ..hookcheck import check_selected_engine, check_status
+from ..hookcheck import check_selected_engine, check_status, hook_plugins
 from ..uapi import MR_SYSCALL
 from . import kernels
-from .dispatch import Dispatch, plugin_names
+from .dispatch import Dispatch
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def select_copy_engine(b, sel, d: Dispatch):
     hook = m.pm.hook.copyengine_select_engine
     info = BatchInfo(len(sel), int(b.nr[sel].sum()) * m.page_size, b.order[sel], m.page_size, b.target,
                      d.reason)
-    chosen = check_selected_engine(hook(machine=m, batch=info, engine=d.engine), plugin_names(hook))
+    chosen = check_selected_engine(hook(machine=m, batch=info, engine=d.engine), hook_plugins(hook))
     return chosen or d.engine
 
 

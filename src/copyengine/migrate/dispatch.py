@@ -26,10 +26,6 @@ def only_builtin(hook) -> bool:
     return len(impls) == 1 and impls[0].plugin_name == "core"
 
 
-def plugin_names(hook) -> str:
-    return ", ".join(i.plugin_name for i in hook.get_hookimpls()) or "no plugin"
-
-
 class Dispatch:
     """How one migrate_pages() call reaches the plugins, looked up once per call: the
     engine, and which hooks have implementations beyond the built-in ones.

@@ -106,3 +106,12 @@ def test_tradeoff_runs_one_row_at_several_batch_sizes_and_plots_it(tmp_path):
         assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(BenchError):
         run_tradeoff("4KiB-256")
+
+
+def test_targets_list_only_the_page_sizes_that_ran():
+    from copyengine.bench import report
+    res = run_bench(page_sizes="64KiB", counts=[4], configs=["serial"], repeat=1, ceiling=10.0,
+                    progress=False)
+    text = report.format_targets(res)
+    assert "64KiB x >= 4096" in text and "memory:" in text
+    assert not any(line.startswith(("- 4KiB", "- 2MiB")) for line in text.splitlines())

@@ -202,8 +202,12 @@ def _cost_table(t) -> list:
 
 
 def format_targets(res) -> str:
+    """The targets of the page sizes this run measured (and the memory check)."""
     lines = []
+    run = set(res.get("settings", {}).get("page_sizes") or ())
     for t in res.get("targets", []):
+        if not t.get("memory") and run and t.get("page_size") not in run:
+            continue
         if t.get("memory"):
             g, lim = t.get("growth_bytes"), t.get("limit_bytes")
             mem = res.get("memory", {})

@@ -115,3 +115,13 @@ def test_targets_list_only_the_page_sizes_that_ran():
     text = report.format_targets(res)
     assert "64KiB x >= 4096" in text and "memory:" in text
     assert not any(line.startswith(("- 4KiB", "- 2MiB")) for line in text.splitlines())
+
+
+def test_markdown_breaks_down_the_phases_of_every_configuration(tmp_path):
+    from copyengine.bench import report
+    res = run_bench(page_sizes="4KiB", counts=[64], configs=["serial", "mt:2"], repeat=1, ceiling=10.0,
+                    progress=False)
+    report.write_markdown(res, tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    assert "Where the time goes for serial" in md and "Where the time goes for mt:2" in md
+    assert report.format_report(res).count("Where the time goes for") == 1  # the text: the best only

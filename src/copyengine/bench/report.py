@@ -117,9 +117,27 @@ def best_config(t) -> str | None:
     return None
 
 
-def format_tables(res, spread=True) -> str:
+def _phase_table(t, cfg) -> list:
+    """Where the time of ``cfg``'s calls goes, per row (shares of the wall time)."""
+    rows = []
+    for c in t["counts"]:
+        r = t["cells"].get((c, cfg))
+        if not r or r["gbps"] is None or not r.get("shares"):
+            continue
+        sh = r["shares"]
+        rows.append(f"| {c} | {_g(r['gbps'])} | {r['seconds_mean'] * 1e3:.2f} | "
+                    + " | ".join(f"{sh[k] * 100:.0f}%" for k in PHASES) + f" | {sh['other'] * 100:.0f}% |")
+    if not rows:
+        return []
+    return ["", f"Where the time goes for {cfg} (share of the call's wall time):", "",
+            "| pages | GB/s | ms | " + " | ".join(PHASES) + " | other |",
+            "|---:|---:|---:|" + "---:|" * (len(PHASES) + 1), *rows]
+
+
+def format_tables(res, spread=True, every_phase=False) -> str:
     """Per page size: GB/s table (rows: pages, columns: configurations), each row's best
-    over the ceiling, then where the time goes for the table's best configuration."""
+    over the ceiling, then where the time goes for the table's best configuration (for
+    every configuration with ``every_phase``: the markdown report), then what it costs."""
     blocks = []
     ceiling = res.get("ceiling_gbps")
     reps = res.get("settings", {}).get("repeat")
@@ -160,18 +178,8 @@ def format_tables(res, spread=True) -> str:
         if notes:
             block += [""] + [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
         bc = best_config(t)
-        if bc:
-            block += ["", f"Where the time goes for {bc} (share of the call's wall time):", "",
-                      "| pages | GB/s | ms | " + " | ".join(PHASES) + " | other |",
-                      "|---:|---:|---:|" + "---:|" * (len(PHASES) + 1)]
-            for c in t["counts"]:
-                r = t["cells"].get((c, bc))
-                if not r or r["gbps"] is None or not r.get("shares"):
-                    continue
-                sh = r["shares"]
-                block.append(f"| {c} | {_g(r['gbps'])} | {r['seconds_mean'] * 1e3:.2f} | "
-                             + " | ".join(f"{sh[k] * 100:.0f}%" for k in PHASES)
-                             + f" | {sh['other'] * 100:.0f}% |")
+        for cfg in (cfgs if every_phase else [bc] if bc else []):
+            block += _phase_table(t, cfg)
         block += _cost_table(t)
         blocks.append("\n".join(block))
     return "\n\n".join(blocks)
@@ -288,7 +296,7 @@ def write_csv(res, path) -> None:
 
 def write_markdown(res, path, title="copyengine bench") -> None:
     with open(path, "w") as f:
-        f.write(f"# {title}\n\n```\n{format_header(res)}\n```\n\n{format_tables(res)}\n\n")
+        f.write(f"# {title}\n\n```\n{format_header(res)}\n```\n\n{format_tables(res, every_phase=True)}\n\n")
         tg = format_targets(res)
         if tg:
             f.write("## Targets (best configuration over the ceiling)\n\n" + tg + "\n")

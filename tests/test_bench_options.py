@@ -125,3 +125,13 @@ def test_markdown_breaks_down_the_phases_of_every_configuration(tmp_path):
     md = (tmp_path / "r.md").read_text()
     assert "Where the time goes for serial" in md and "Where the time goes for mt:2" in md
     assert report.format_report(res).count("Where the time goes for") == 1  # the text: the best only
+
+
+def test_a_third_party_column_names_its_package_and_version():
+    from copyengine.bench import report
+    res = {"machine": {"engines": {"serial": "built-in", "pool": "copyengine-threadpool 0.1.0"}},
+           "settings": {"configs": ["serial", "pool:2"], "repeat": 1},
+           "results": [{"page_size": "4KiB", "base_page": 4096, "folio_size": 4096, "count": 4, "config": c,
+                        "gbps": 1.0, "gbps_min": 1.0, "gbps_max": 1.0, "repeats": 1} for c in ("serial", "pool:2")]}
+    head = report.format_tables(res).splitlines()[2]
+    assert head.startswith("| pages | serial | pool:2 (copyengine-threadpool 0.1.0) |")

@@ -117,6 +117,13 @@ def best_config(t) -> str | None:
     return None
 
 
+def _column(res, spec) -> str:
+    """A configuration's column title: a third-party engine names its package and version
+    (``copyengine engines`` lists the same sources; the JSON has them in machine.engines)."""
+    src = (res.get("machine", {}).get("engines") or {}).get(spec.split(":")[0])
+    return spec if src in (None, "built-in", "registered") else f"{spec} ({src})"
+
+
 def _phase_table(t, cfg) -> list:
     """Where the time of ``cfg``'s calls goes, per row (shares of the wall time)."""
     rows = []
@@ -151,9 +158,10 @@ def format_tables(res, spread=True, every_phase=False) -> str:
             return f"[{note_of[msg]}]"
 
         cfgs = t["configs"]
+        labels = [_column(res, c) for c in cfgs]
         head = f"### {token}: {_describe(t['ps'])}; move_pages() GB/s, median" + \
                (f" (min-max) of {reps} runs" if spread and reps else "")
-        rows = ["| pages | " + " | ".join(cfgs) + " | best | of ceiling |",
+        rows = ["| pages | " + " | ".join(labels) + " | best | of ceiling |",
                 "|---:|" + "---:|" * len(cfgs) + "---|---:|"]
         for c in t["counts"]:
             cells, best = [], None

@@ -23,6 +23,7 @@ from numba import njit
 from ..errors import EHWPOISON, EngineUnavailable
 from .memops import NT_BYTES, copy_spans
 from .memops import copy as _copy_bytes
+from .memops import first_outside
 
 #: result value of a folio an asynchronous engine has not completed (yet)
 PENDING = -errno.EINPROGRESS
@@ -153,14 +154,10 @@ def copy_each(mem, src_off, dst_off, nbytes, take, nt):
     """Copy every descriptor i with ``take[i]`` on its own (no merging: folio_mc_copy is
     one folio at a time). Returns 0, or -(i + 1), having copied nothing, if descriptor i
     lies outside memory."""
-    size = mem.shape[0]
-    n = src_off.shape[0]
-    for i in range(n):
-        if take[i]:
-            s, d, b = src_off[i], dst_off[i], nbytes[i]
-            if s < 0 or d < 0 or b < 0 or s + b > size or d + b > size:
-                return -(i + 1)
-    for i in range(n):
+    bad = first_outside(mem, src_off, dst_off, nbytes, take)
+    if bad:
+        return bad
+    for i in range(src_off.shape[0]):
         if take[i]:
             _copy_bytes(mem, dst_off[i], src_off[i], nbytes[i], nt)
     return 0

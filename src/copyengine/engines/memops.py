@@ -148,18 +148,27 @@ def copy(mem, d, s, n, nt):
         memmove(mem, d + done, s + done, n - done)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def first_outside(mem, src_off, dst_off, nbytes, take):
+    """-(i + 1) for the first descriptor i with ``take[i]`` that lies outside ``mem``, else 0."""
+    size = mem.shape[0]
+    for i in range(src_off.shape[0]):
+        if take[i]:
+            s, d, b = src_off[i], dst_off[i], nbytes[i]
+            if s < 0 or d < 0 or b < 0 or s + b > size or d + b > size:
+                return -(i + 1)
+    return 0
+
+
 @njit(cache=True, nogil=True)
 def copy_spans(mem, src_off, dst_off, nbytes, take, nt):
     """Copy every descriptor i with ``take[i]``, merging neighbours contiguous in both
     source and destination into one span (with non-temporal stores if ``nt``). Returns
     0, or -(i + 1) (having copied nothing) if descriptor i lies outside memory."""
-    size = mem.shape[0]
+    bad = first_outside(mem, src_off, dst_off, nbytes, take)
+    if bad:
+        return bad
     n = src_off.shape[0]
-    for i in range(n):
-        if take[i]:
-            s, d, b = src_off[i], dst_off[i], nbytes[i]
-            if s < 0 or d < 0 or b < 0 or s + b > size or d + b > size:
-                return -(i + 1)
     i = 0
     while i < n:
         if not take[i]:

@@ -147,14 +147,19 @@ def folio_copy(sel, src, dst, nr, flags, mem, page_size, nt, rc, copied):
     without reading a poisoned source, else 0. Offsets come from the batch's own frame
     numbers, never from a job an engine could have edited."""
     for t in range(sel.shape[0]):
-        f = sel[t]
-        if _poisoned(src[f], nr[f], flags):
-            rc[f] = -EHWPOISON
-            copied[f] = False
-            continue
-        _copy_bytes(mem, dst[f] * page_size, src[f] * page_size, nr[f] * page_size, nt)
-        rc[f] = 0
-        copied[f] = True
+        _mc_copy_one(sel[t], src, dst, nr, flags, mem, page_size, nt, rc, copied)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mc_copy_one(f, src, dst, nr, flags, mem, page_size, nt, rc, copied):
+    """folio_mc_copy of folio ``f``: -EHWPOISON without reading a poisoned source."""
+    if _poisoned(src[f], nr[f], flags):
+        rc[f] = -EHWPOISON
+        copied[f] = False
+        return
+    _copy_bytes(mem, dst[f] * page_size, src[f] * page_size, nr[f] * page_size, nt)
+    rc[f] = 0
+    copied[f] = True
 
 
 @njit(cache=True, nogil=True)
@@ -168,13 +173,7 @@ def vanilla_move_copy(sel, src, dst, nr, flags, owner, index, refcount, moved, m
         f = sel[t]
         if _move_one(f, src, dst, nr, flags, owner, index, refcount, moved):
             nshm += 1
-        if _poisoned(src[f], nr[f], flags):
-            rc[f] = -EHWPOISON
-            copied[f] = False
-            continue
-        _copy_bytes(mem, dst[f] * page_size, src[f] * page_size, nr[f] * page_size, nt)
-        rc[f] = 0
-        copied[f] = True
+        _mc_copy_one(f, src, dst, nr, flags, mem, page_size, nt, rc, copied)
     return nshm
 
 

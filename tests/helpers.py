@@ -41,3 +41,14 @@ def mig_delta(before, m, **expect):
 def free(m):
     """Free base pages per node."""
     return [m.free_pages(n) for n in range(m.nodes)]
+
+
+def process_alive(pid) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"

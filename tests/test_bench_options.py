@@ -1,32 +1,23 @@
 """Bench options added for issues 12 and 16: --busy K (the load starts, is counted, and is
 always killed), --batch (the machines' batch size), the model-overhead probe (its fields,
 no timing asserted), and the per-configuration cost columns (window, CPU)."""
-import os
 import pytest
 
 from copyengine.bench import cli as bench_cli
 from copyengine.bench.busy import busy
 from copyengine.bench.overhead import format_overhead, measure_overhead
 from copyengine.bench.runner import run_bench
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
+from helpers import process_alive
 
 
 def test_busy_starts_k_processes_and_always_kills_them():
     with busy(2) as pids:
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
-    assert not any(_alive(p) for p in pids)
+        assert len(pids) == 2 and all(process_alive(p) for p in pids)
+    assert not any(process_alive(p) for p in pids)
     with pytest.raises(RuntimeError):
         with busy(1) as pids:
             raise RuntimeError("the bench failed")
-    assert not any(_alive(p) for p in pids)
+    assert not any(process_alive(p) for p in pids)
     with pytest.raises(ValueError):
         with busy(-1):
             pass

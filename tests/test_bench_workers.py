@@ -16,17 +16,9 @@ from copyengine.bench.extra import run_scenario, scenario_engines, scenario_popu
 from copyengine.bench.runner import interleave_groups, run_bench
 from copyengine.bench.worker import ProcessWorker, WorkerDied
 from copyengine.plugins import make_plugin_manager
+from helpers import process_alive
 
 FAST = dict(repeat=3, warmup=1, ceiling=10.0, progress=False, quick=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def test_each_configuration_runs_in_its_own_worker_process(isolated):
     # one worker per configuration for the whole run: the same pid on every row
     for r in isolated["results"]:
         assert r["worker_pid"] == pids[r["config"]]
-    assert not any(_alive(p) for p in pids.values())   # every worker exited at the end
+    assert not any(process_alive(p) for p in pids.values())   # every worker exited at the end
 
 
 def test_runs_are_interleaved_and_every_sample_is_kept(isolated):
@@ -148,7 +140,7 @@ def test_busy_load_is_killed_on_ctrl_c():
     with pytest.raises(KeyboardInterrupt):
         with busy(1) as pids:
             raise KeyboardInterrupt
-    assert not any(_alive(p) for p in pids)
+    assert not any(process_alive(p) for p in pids)
 
 
 def test_busy_load_exits_when_the_bench_is_killed():
@@ -157,9 +149,9 @@ def test_busy_load_exits_when_the_bench_is_killed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     pid = int(out.stdout.split()[0])
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid)
+    assert not process_alive(pid)
 
 
 def test_scenario_engines_measures_every_engine_on_every_job():
@@ -194,6 +186,6 @@ def test_workers_exit_when_the_bench_is_killed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     pid = int(out.stdout.split()[0])
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid)
+    assert not process_alive(pid)

@@ -26,6 +26,8 @@ import sys
 import threading
 import time
 
+from ..machine import _meminfo as host_meminfo
+
 MiB = 1 << 20
 MIN_CEILING_BYTES = 512 * MiB
 
@@ -50,17 +52,8 @@ def cores() -> int:
 
 
 def _meminfo() -> dict:
-    out = {}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                parts = v.split()
-                if parts and parts[0].isdigit():
-                    out[k] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
-    except OSError:
-        pass
-    return out
+    """/proc/meminfo in bytes: the Machine's own reader (its host-size check uses it too)."""
+    return host_meminfo()
 
 
 def _read(path) -> str | None:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engines.memops import NT_BYTES
-from ..mm.pageflags import PG_anon, PG_head, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
+from ..mm.huge_memory import can_split_folio, split_folio_isolated
+from ..mm.pageflags import PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
 from ..mm.pte import PTE_MIGRATION, PTE_WRITE, pte_pfn
 from ..uapi import MR_SYSCALL
 from . import kernels
@@ -105,32 +106,6 @@ def migrate_folios_prepare(b: MigrationBatch, nosplit: bool, direct_alloc: bool 
                 if can_split_folio(m, h):
                     b.split.append(split_folio_isolated(m, h))
                     b.rc[f] = SPLIT
-
-
-def can_split_folio(m, h) -> bool:
-    """can_split_folio: an anonymous folio whose only references are its mappings and
-    the isolation (a pinned folio cannot be split)."""
-    mm = m.mem_map
-    if not mm.flags[h] & PG_anon or mm.pincount[h]:
-        return False
-    nr = 1 << int(mm.order[h])
-    return int(mm.refcount[h]) == 1 + int(mm.mapcount[h:h + nr].sum())
-
-
-def split_folio_isolated(m, h):
-    """split_folio of an isolated anonymous large folio: each page becomes an order-0
-    folio holding its PTE references and an isolation reference of its own. Returns
-    the pages."""
-    mm = m.mem_map
-    nr = 1 << int(mm.order[h])
-    pages = np.arange(h, h + nr, dtype=np.int64)
-    mm.head[pages] = pages
-    mm.order[pages] = 0
-    mm.flags[pages] |= PG_head | PG_isolated
-    mm.refcount[pages] = mm.mapcount[pages] + 1
-    mm.pincount[pages] = 0
-    m.count("thp_split_page")
-    return pages
 
 
 def migrate_folio_unmap(b: MigrationBatch) -> None:

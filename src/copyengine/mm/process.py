@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from ..errors import EHWPOISON, oserror
-from .pageflags import PG_anon, PG_head, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
+from .pageflags import PG_anon, PG_hwpoison, PG_locked, PG_nonzero, PG_swapbacked
+from .huge_memory import release_folios
 from .pmd import fault_around, huge_zero, map_cached_pmds, split_shmem_pmds
 from .pte import PTE_MIGRATION, PTE_PRESENT, PTE_WRITE, mk_pte, pte_pfn
 from .vma import AnonVma, Shmem, Vma
@@ -315,28 +316,8 @@ class Process:
             m.free_folios(heads[m.mem_map.refcount[heads] == 0])
 
     def _release_folios(self, heads):
-        """Free folios whose last reference went; split anonymous large folios left
-        partly mapped (deferred_split_folio, done at once here)."""
-        m = self.machine
-        mm = m.mem_map
-        uh = np.unique(heads)
-        dead = uh[mm.refcount[uh] == 0]
-        m.free_folios(dead)
-        live = uh[(mm.refcount[uh] > 0) & (mm.order[uh] > 0)]
-        for h in live.tolist():
-            self._maybe_split(int(h))
-
-    def _maybe_split(self, h):
-        m = self.machine
-        mm = m.mem_map
-        nr = 1 << int(mm.order[h])
-        pages = np.arange(h, h + nr)
-        if not mm.flags[h] & PG_anon or mm.pincount[h] or mm.flags[h] & (PG_locked | PG_isolated):
-            return
-        mapped = mm.mapcount[pages]
-        if (mapped > 0).all() and int(mapped.sum()) == int(mm.refcount[h]):
-            return  # still fully mapped: nothing to split
-        split_folio(m, h)
+        """Drop folios whose last reference went; see :func:`huge_memory.release_folios`."""
+        release_folios(self.machine, heads)
 
     # ------------------------------------------------------------------ faults
     def _plan(self, seg, write):
@@ -770,18 +751,3 @@ class Process:
         from ..migrate.mempolicy import do_mbind
         do_mbind(self, addr, length, mode, nodes, flags)
 
-
-def split_folio(m, h):
-    """split_folio: every page of an anonymous large folio becomes an order-0 folio with
-    its own references (its PTE mappings); pages no longer referenced are freed."""
-    mm = m.mem_map
-    nr = 1 << int(mm.order[h])
-    pages = np.arange(h, h + nr)
-    mm.head[pages] = pages
-    mm.order[pages] = 0
-    mm.flags[pages] |= PG_head
-    mm.refcount[pages] = mm.mapcount[pages]
-    mm.pincount[pages] = 0
-    m.count("thp_split_page")
-    dead = pages[mm.refcount[pages] == 0]
-    m.free_folios(dead)

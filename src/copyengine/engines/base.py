@@ -47,9 +47,17 @@ class Capabilities:
 
 
 class CopyJob:
-    """One batch copy. Arrays are read-only to engines; ``mem`` is the physical memory."""
+    """One batch copy. Arrays are read-only to engines; ``mem`` is the physical memory.
 
-    __slots__ = ("mem", "src_off", "dst_off", "nbytes", "folio", "src_poisoned", "nr_folios")
+    ``spans`` is None unless a trace recorder is attached to the machine: then it is a
+    list, and an engine that wants its workers or channels on the timeline appends
+    ``(lane, t0, t1, folios)`` to it for each piece of work (``lane`` names the worker or
+    channel, e.g. "mt worker 1" or "opencl channel 0"; ``t0``/``t1`` are
+    ``time.perf_counter()`` seconds; ``folios`` how many folios the piece copied). Appending
+    is thread-safe (list.append); the framework reads the list once the job is retired.
+    """
+
+    __slots__ = ("mem", "src_off", "dst_off", "nbytes", "folio", "src_poisoned", "nr_folios", "spans")
 
     def __init__(self, mem, src_off, dst_off, nbytes, folio, src_poisoned):
         self.mem = mem
@@ -59,6 +67,7 @@ class CopyJob:
         self.folio = folio
         self.src_poisoned = src_poisoned
         self.nr_folios = len(src_poisoned)
+        self.spans = None
 
     @property
     def mem64(self):

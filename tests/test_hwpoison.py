@@ -130,8 +130,11 @@ def test_poisoned_page_of_a_partly_unmapped_large_folio(machine):
     head = p.pfn_of(a)
     m.hwpoison(head + 10)
     free = m.free_pages(1)
-    p.munmap(a, 20 * PS)                                       # split; the poisoned page is unmapped
-    assert m.free_pages(1) == free + 19
+    p.munmap(a, 20 * PS)                       # the poisoned page is unmapped; split deferred
+    assert m.free_pages(1) == free and m.mem_map.order[head] == 9
+    r = p.move_pages(0, [a + 20 * PS], [0])     # the migration splits it first
+    assert r.ret == 0 and r.status == [0]
+    assert m.free_pages(1) == free + 511       # moved or freed, all but the poisoned page
     assert not m.buddy.is_free(head + 10)
     p.exit()
     assert m.free_pages(1) == free + 511

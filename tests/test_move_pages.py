@@ -291,14 +291,17 @@ def test_move_2m_folio_any_address_moves_whole_folio(machine):
 
 def test_moved_2m_folio_leaves_no_page_locked(machine):
     """Only the head carries the folio lock, and finalize drops it; a tail page left with
-    PG_locked becomes a locked folio of its own once the folio is split."""
+    PG_locked would become a locked folio of its own once the folio is split (here: by
+    the next migration, as the folio is then mapped only in part)."""
     m = machine
     p = m.spawn()
     a = p.mmap(2 * MiB, folio_size="2MiB")
     p.write(a, b"q" * 100)
     assert p.move_pages(0, [a], [1]).status == [1]
     h = p.pfn_of(a)
-    p.munmap(a + MiB, MiB)                 # partly mapped: split into base pages
+    p.munmap(a + MiB, MiB)                 # partly mapped: queued for a deferred split
+    assert not (m.mem_map.flags[h:h + 512] & PG_locked).any()
+    assert p.move_pages(0, [a + PS], [0]).status == [0]   # split, then its pages migrate
     assert m.mem_map.order[h + 5] == 0 and m.mem_map.head[h + 5] == h + 5
     assert not (m.mem_map.flags[h:h + 256] & PG_locked).any()
 
@@ -531,8 +534,10 @@ def test_pinned_2m_folio(machine):
 
 
 def test_partly_unmapped_pinned_2m_folio(machine):
-    """munmap of half a pinned 2 MiB folio leaves it whole (a pinned folio is not split):
-    -EBUSY; once unpinned it is split, the unmapped half freed, and the pages move alone."""
+    """munmap of half a pinned 2 MiB folio leaves it whole (6.12 defers the split of a
+    partly mapped folio): while pinned it cannot be split at migration either, -EBUSY;
+    once unpinned, the next migration splits it, its unmapped half is freed, and its
+    mapped pages move alone (every page counts as migrated, the THP as failed and split)."""
     m = machine
     p = m.spawn()
     a = p.mmap(2 * MiB, folio_size="2MiB")
@@ -546,13 +551,17 @@ def test_partly_unmapped_pinned_2m_folio(machine):
     r = p.move_pages(0, [a, a + PS], [1, 1])
     assert r == ce.migrate.MovePagesResult(1, [-EBUSY, -EBUSY])
     pin.release()
-    assert m.mem_map.order[h] == 0 and m.free_pages(0) == fr0 + 256
+    assert m.mem_map.order[h] == 9 and m.free_pages(0) == fr0   # still whole: split deferred
     fr = free(m)
     st = mig(m)
+    v = m.vmstat
     r = p.move_pages(0, [a, a + PS, a + MiB - PS], [1, 1, 1])
-    assert r == ce.migrate.MovePagesResult(0, [1, 1, 1])
-    mig_delta(st, m, pgmigrate_success=3)
-    assert free(m) == [fr[0] + 3, fr[1] - 3]
+    # a + PS: its folio is already queued (-EBUSY, and the queue is flushed: split and
+    # moved); a + MiB - PS: a page of its own by then, already on node 1
+    assert r == ce.migrate.MovePagesResult(0, [1, -EBUSY, 1])
+    mig_delta(st, m, pgmigrate_success=512, thp_migration_fail=1, thp_migration_split=1)
+    assert m.vmstat["thp_split_page"] == v["thp_split_page"] + 1
+    assert free(m) == [fr[0] + 512, fr[1] - 256]    # the mapped half moved, all of it freed
     assert p.read(a, MiB) == data[:MiB]
     p.exit()
     check_machine(m)

@@ -1,6 +1,7 @@
 """Processes: mmap/munmap, faults, the zero page, read/write, shared memory, exit;
 plus a hypothesis check of read/write against a shadow copy."""
 import errno
+from errno import EFAULT
 
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ from hypothesis import given, strategies as st
 
 import copyengine as ce
 from copyengine.mm.memmap import PG_anon, PG_swapbacked
-from helpers import pattern, raises_errno
+from copyengine.mm.pageflags import PG_partially_mapped
+from copyengine.testing.invariants import check_machine
+from helpers import mig, mig_delta, pattern, raises_errno
 
 PS = 4096
 KiB = 1 << 10
@@ -290,7 +293,11 @@ def test_munmap_of_untouched_memory_frees_nothing(machine):
 
 @pytest.mark.parametrize("off_pages,npages", [(0, 1), (511, 1), (100, 50), (0, 256), (256, 256),
                                               (1, 510)])
-def test_munmap_part_of_a_large_folio_splits_it(machine, off_pages, npages):
+def test_munmap_part_of_a_large_folio_defers_its_split(machine, off_pages, npages):
+    """Linux 6.12: munmap of part of an anonymous THP keeps the folio whole and queues it
+    for a deferred split (its unmapped pages stay allocated); the next migration of the
+    folio splits it: every page counts as migrated (the unmapped ones were "freed from
+    under us"), the THP as failed and split, and the unmapped pages go back."""
     m = machine
     p = m.spawn()
     a = p.mmap(2 * MiB, folio_size="2MiB", node=1)
@@ -300,23 +307,81 @@ def test_munmap_part_of_a_large_folio_splits_it(machine, off_pages, npages):
     free = m.free_pages(1)
     v = m.vmstat
     p.munmap(a + off_pages * PS, npages * PS)
-    assert m.free_pages(1) == free + npages                 # exactly the unmapped pages
-    assert m.vmstat["thp_split_page"] == v["thp_split_page"] + 1
+    assert m.free_pages(1) == free                          # nothing freed yet
+    assert m.vmstat["thp_split_page"] == v["thp_split_page"]
+    assert m.vmstat["thp_deferred_split_page"] == v["thp_deferred_split_page"] + 1
     kept = [i for i in range(512) if not off_pages <= i < off_pages + npages]
-    for i in kept:
-        pfn = p.pfn_of(a + i * PS)
-        assert pfn == head + i                              # data stays in place
-        assert m.mem_map.order[pfn] == 0 and m.mem_map.head[pfn] == pfn
-        assert m.mem_map.refcount[pfn] == 1 and m.mem_map.mapcount[pfn] == 1
-    for i in range(off_pages, off_pages + npages):
-        assert m.buddy.is_free(head + i)
+    mm = m.mem_map
+    assert mm.order[head] == 9 and mm.flags[head] & PG_partially_mapped
+    assert mm.refcount[head] == len(kept)
+    for i in kept[:3] + kept[-3:]:
+        assert p.pfn_of(a + i * PS) == head + i and mm.head[head + i] == head
     for lo in (0, off_pages + npages):
         hi = off_pages if lo == 0 else 512
         if hi > lo:
             assert p.read(a + lo * PS, (hi - lo) * PS) == data[lo * PS:hi * PS]
+    st = mig(m)
+    r = p.move_pages(0, [a + kept[0] * PS], [0])
+    assert r.ret == 0 and r.status == [0]
+    mig_delta(st, m, pgmigrate_success=512, thp_migration_fail=1, thp_migration_split=1)
+    assert m.vmstat["thp_split_page"] == v["thp_split_page"] + 1
+    assert m.free_pages(1) == free + 512                    # moved away or freed
+    for i in kept[:3] + kept[-3:]:
+        pfn = p.pfn_of(a + i * PS)
+        assert mm.order[pfn] == 0 and mm.head[pfn] == pfn and p.node_of(a + i * PS) == 0
+    for lo in (0, off_pages + npages):
+        hi = off_pages if lo == 0 else 512
+        if hi > lo:
+            assert p.read(a + lo * PS, (hi - lo) * PS) == data[lo * PS:hi * PS]
+    check_machine(m)
     p.munmap(a, 2 * MiB)
     assert m.free_pages(1) == free + 512
+    assert m.free_pages(0) == m.frames_per_node - 1          # the zero page
     assert m.buddy.free_blocks(1)[9].size == m.frames_per_node // 512   # merged back to 2 MiB
+
+
+def test_split_maps_zero_filled_pages_to_the_zero_page(machine):
+    """6.12's __split_huge_page remaps every mapped page of an anonymous folio that holds
+    only zeros to the shared zero page (RMP_USE_SHARED_ZEROPAGE): after the migration that
+    splits a partly unmapped THP, its never-written pages read as the zero page (-EFAULT
+    in move_pages) and hold no frame; the written ones moved."""
+    m = machine
+    p = m.spawn()
+    a = p.mmap(2 * MiB, folio_size="2MiB")
+    p.write(a, b"\x07" * (2 * PS))                          # pages 0 and 1 hold data
+    p.write(a + 300 * PS, b"\x00" * PS)                     # written, but zeros: remapped too
+    p.munmap(a + 256 * PS, 64 * PS)
+    free0 = m.free_pages(0)
+    st = mig(m)
+    r = p.move_pages(0, [a + 256 * PS, a], [1, 1])
+    assert r.ret == 0 and r.status == [-EFAULT, 1]
+    mig_delta(st, m, pgmigrate_success=512, thp_migration_fail=1, thp_migration_split=1)
+    q = p.move_pages(0, [a, a + PS, a + 2 * PS, a + 300 * PS, a + 511 * PS])
+    assert q.status == [1, 1, -EFAULT, -EFAULT, -EFAULT]
+    assert m.free_pages(0) == free0 + 512 and m.free_pages(1) == m.frames_per_node - 2
+    assert p.read(a, 3 * PS) == b"\x07" * (2 * PS) + bytes(PS)
+    assert p.read(a + 320 * PS, 192 * PS) == bytes(192 * PS)
+    p.write(a + 400 * PS, b"w")                              # a write fault copies the zero page
+    assert p.node_of(a + 400 * PS) == 0 and p.read(a + 400 * PS, 2) == b"w\x00"
+    check_machine(m)
+
+
+def test_cow_of_a_shared_thp_page_does_not_queue_a_split(machine):
+    """A child's write to one page of a THP it shares with its parent maps a copy in the
+    child; the parent still maps every page, so the folio is not partially mapped."""
+    m = machine
+    p = m.spawn()
+    a = p.mmap(2 * MiB, folio_size="2MiB")
+    p.write(a, b"x" * PS)
+    c = p.fork()
+    v = m.vmstat
+    c.write(a + 5 * PS, b"y")
+    head = p.pfn_of(a)
+    assert not m.mem_map.flags[head] & PG_partially_mapped
+    assert m.vmstat["thp_deferred_split_page"] == v["thp_deferred_split_page"]
+    p.exit()                                                 # now page 5 is mapped by no one
+    assert m.mem_map.flags[head] & PG_partially_mapped
+    assert m.mem_map.order[head] == 9
 
 
 def test_munmap_of_a_whole_large_folio_does_not_split(machine):

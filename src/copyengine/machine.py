@@ -29,6 +29,7 @@ DEFAULT_ENGINE = "auto"
 VMSTAT_COUNTERS = (
     "pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migration_fail",
     "thp_migration_split", "pgfault", "pgalloc", "pgfree", "cow_fault", "thp_split_page",
+    "thp_deferred_split_page",
     "nr_hwpoison", "copy_engine_errors", "copy_fallback_folios", "copy_below_min_bytes_folios",
     "copy_quarantined_pages", "nr_quarantined_pages",
 )

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..engines.memops import NT_BYTES
 from ..mm.huge_memory import can_split_folio, split_folio_isolated
-from ..mm.pageflags import PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
+from ..mm.pageflags import PG_isolated, PG_locked, PG_nonzero, PG_partially_mapped, PG_swapbacked
 from ..mm.pte import PTE_MIGRATION, PTE_WRITE, pte_pfn
 from ..uapi import MR_SYSCALL
 from . import kernels
@@ -89,10 +89,17 @@ def migrate_folios_prepare(b: MigrationBatch, nosplit: bool, direct_alloc: bool 
     are migrated on their own, try_split_folio); anything else fails with -ENOMEM."""
     m = b.m
     mm = m.mem_map
-    orders = np.unique(b.order) if b.order.any() else (0,)
+    if b.order.max(initial=0) > 1:
+        split_deferred_folios(b)
+    need = b.rc == 0
+    gone = np.flatnonzero(need & (mm.refcount[b.src] == 1))
+    if len(gone):
+        folio_freed_under_us(b, gone)
+        need[gone] = False
+    orders = np.unique(b.order[need]) if b.order.any() else (0,)
     for o in orders:
         o = int(o)
-        sel = np.nonzero(b.order == o)[0] if len(orders) > 1 else np.arange(len(b))
+        sel = np.nonzero((b.order == o) & need)[0] if len(orders) > 1 or not need.all() else np.arange(len(b))
         got = m.alloc_folios_upto(b.target, o, len(sel), direct=direct_alloc)
         mm.flags[got] |= PG_locked  # the folio lock lives on the head
         b.dst[sel[:len(got)]] = got
@@ -106,6 +113,33 @@ def migrate_folios_prepare(b: MigrationBatch, nosplit: bool, direct_alloc: bool 
                 if can_split_folio(m, h):
                     b.split.append(split_folio_isolated(m, h))
                     b.rc[f] = SPLIT
+
+
+def split_deferred_folios(b: MigrationBatch) -> None:
+    """The rare folio on the deferred split queue (an anonymous large folio mapped only in
+    part, mm/huge_memory.py) is split before it is migrated, as migrate_pages_batch does:
+    its pages are migrated on their own (SPLIT), zero-filled ones were remapped to the
+    zero page. A folio that cannot be split (pinned) is migrated whole."""
+    m = b.m
+    mm = m.mem_map
+    for f in np.flatnonzero(b.order > 1).tolist():
+        h = int(b.src[f])
+        if mm.flags[h] & PG_partially_mapped and can_split_folio(m, h):
+            b.split.append(split_folio_isolated(m, h))
+            b.rc[f] = SPLIT
+
+
+def folio_freed_under_us(b: MigrationBatch, folios) -> None:
+    """migrate_folio_unmap's "folio was freed from under us": only the isolation reference
+    is left (every mapping went while it waited), so there is nothing to copy; the folio
+    is freed and counts as migrated."""
+    if not len(folios):
+        return
+    mm = b.m.mem_map
+    heads = b.src[folios]
+    mm.flags[heads] &= ~PG_isolated
+    mm.refcount[heads] = 0
+    b.m.free_folios(heads)
 
 
 def migrate_folio_unmap(b: MigrationBatch) -> None:

@@ -1,50 +1,44 @@
-"""Splitting large folios, as mm/huge_memory.c does: split_folio, can_split_folio, and
-what happens to an anonymous large folio when part of it is no longer mapped."""
+"""Large anonymous folios that lose part of their mappings, and their splits, as
+mm/huge_memory.c does them: deferred_split_folio, can_split_folio, split_folio with
+zero-filled pages remapped to the shared zero page (Linux 6.12)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .pageflags import PG_anon, PG_head, PG_isolated, PG_locked
+from .pageflags import PG_anon, PG_head, PG_isolated, PG_nonzero, PG_partially_mapped
+from .pte import PTE_PRESENT, mk_pte, pte_pfn
 
 
 def release_folios(m, heads):
-    """Free folios whose last reference went; split anonymous large folios left
-    partly mapped (deferred_split_folio, done at once here)."""
+    """After a zap (munmap, exit, COW) dropped PTE references of ``heads``: free the folios
+    whose last reference went, and queue every anonymous large folio now mapped only in
+    part for a deferred split (__folio_remove_rmap -> deferred_split_folio). Such a folio
+    stays whole, unmapped pages included, until it is migrated (migrate_pages_batch splits
+    it then). The kernel's shrinker also splits it under memory pressure: not modelled."""
     mm = m.mem_map
     uh = np.unique(heads)
     dead = uh[mm.refcount[uh] == 0]
     m.free_folios(dead)
-    live = uh[(mm.refcount[uh] > 0) & (mm.order[uh] > 0)]
-    for h in live.tolist():
-        _maybe_split(m, int(h))
+    for h in uh[(mm.refcount[uh] > 0) & (mm.order[uh] > 1)].tolist():
+        deferred_split_folio(m, int(h))
 
 
-def _maybe_split(m, h):
+def deferred_split_folio(m, h) -> None:
+    """deferred_split_folio(folio, partially_mapped=true): an anonymous folio of order > 1
+    some of whose pages are mapped and some no longer is marked partially mapped (once)."""
     mm = m.mem_map
-    nr = 1 << int(mm.order[h])
-    pages = np.arange(h, h + nr)
-    if not mm.flags[h] & PG_anon or mm.pincount[h] or mm.flags[h] & (PG_locked | PG_isolated):
+    f = mm.flags[h]
+    if not f & PG_anon or f & PG_partially_mapped:
         return
-    mapped = mm.mapcount[pages]
-    if (mapped > 0).all() and int(mapped.sum()) == int(mm.refcount[h]):
-        return  # still fully mapped: nothing to split
-    split_folio(m, h)
+    mapped = mm.mapcount[h:h + (1 << int(mm.order[h]))] > 0
+    if mapped.any() and not mapped.all():
+        mm.flags[h] |= PG_partially_mapped
+        if mm.order[h] == m.max_order:
+            m.count("thp_deferred_split_page")
 
 
-def split_folio(m, h):
-    """split_folio: every page of an anonymous large folio becomes an order-0 folio with
-    its own references (its PTE mappings); pages no longer referenced are freed."""
-    mm = m.mem_map
-    nr = 1 << int(mm.order[h])
-    pages = np.arange(h, h + nr)
-    mm.head[pages] = pages
-    mm.order[pages] = 0
-    mm.flags[pages] |= PG_head
-    mm.refcount[pages] = mm.mapcount[pages]
-    mm.pincount[pages] = 0
-    m.count("thp_split_page")
-    dead = pages[mm.refcount[pages] == 0]
-    m.free_folios(dead)
+def folio_test_partially_mapped(m, h) -> bool:
+    return bool(m.mem_map.flags[h] & PG_partially_mapped)
 
 
 def can_split_folio(m, h) -> bool:
@@ -59,15 +53,49 @@ def can_split_folio(m, h) -> bool:
 
 def split_folio_isolated(m, h):
     """split_folio of an isolated anonymous large folio: each page becomes an order-0
-    folio holding its PTE references and an isolation reference of its own. Returns
-    the pages."""
+    folio holding its PTE references and an isolation reference of its own. As 6.12's
+    __split_huge_page (remap_page with RMP_USE_SHARED_ZEROPAGE), a mapped page whose
+    contents are all zero is mapped to the shared zero page instead and keeps only the
+    isolation reference (migration then finds it "freed from under us"). Returns the
+    pages."""
     mm = m.mem_map
     nr = 1 << int(mm.order[h])
     pages = np.arange(h, h + nr, dtype=np.int64)
     mm.head[pages] = pages
     mm.order[pages] = 0
     mm.flags[pages] |= PG_head | PG_isolated
+    mm.flags[h] &= ~PG_partially_mapped
     mm.refcount[pages] = mm.mapcount[pages] + 1
     mm.pincount[pages] = 0
     m.count("thp_split_page")
+    _map_unused_to_zeropage(m, pages)
     return pages
+
+
+def _map_unused_to_zeropage(m, pages):
+    """try_to_map_unused_to_zeropage for every mapped page of a split anonymous folio:
+    one that holds only zeros is replaced, in every PTE that maps it, by the zero page."""
+    mm = m.mem_map
+    mapped = pages[mm.mapcount[pages] > 0]
+    if not len(mapped):
+        return
+    maybe = (mm.flags[mapped] & PG_nonzero) != 0   # without PG_nonzero a frame holds zeros
+    zero = ~maybe
+    if maybe.any():
+        ps = m.page_size
+        frames = m.mem.reshape(-1, ps)
+        zero[maybe] = ~frames[mapped[maybe]].any(axis=1)
+    zero_pages = mapped[zero]
+    if not len(zero_pages):
+        return
+    obj = m.objects.get(int(mm.owner[zero_pages[0]]))  # the folio's anon_vma: its rmap
+    for vma in (obj.vmas if obj is not None else ()):
+        slot = mm.index[zero_pages] - vma.pgoff
+        inside = (slot >= 0) & (slot < vma.npages)
+        slot, page = slot[inside], zero_pages[inside]
+        pte = vma.ptes[slot]
+        hit = ((pte & PTE_PRESENT) != 0) & (pte_pfn(pte) == page)
+        if hit.any():
+            vma.ptes[slot[hit]] = mk_pte(np.full(int(hit.sum()), m.zero_pfn), PTE_PRESENT)
+            mm.mapcount[page[hit]] -= 1   # one PTE per page per VMA: no duplicates
+            mm.refcount[page[hit]] -= 1

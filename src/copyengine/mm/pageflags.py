@@ -11,6 +11,7 @@ PG_swapbacked = np.uint32(1 << 5)  # shared anonymous memory (owner is a shmem o
 PG_isolated = np.uint32(1 << 6)    # taken off the LRU for migration (folio_isolate_lru)
 PG_nonzero = np.uint32(1 << 7)     # contents may be non-zero: zero before handing out as anon
 PG_allocated = np.uint32(1 << 8)   # frame belongs to an allocated folio (not free in buddy)
+PG_partially_mapped = np.uint32(1 << 9)  # anon large folio on the deferred split queue (head only)
 
 # owner values that are not ids of an anon_vma or shmem object
 OWNER_NONE = 0        # free, or allocated but not yet mapped (a migration destination)

@@ -31,6 +31,11 @@
 #define MAXA 4096
 #define UNSET INT_MIN
 #define BAD_ADDR 4096UL
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+/* copyengine's MMAP_BASE (mm/process.py): where the first region's pad goes */
+static unsigned long next_addr = 1UL << 40;
 #define NO_PID 99999
 
 struct region { char name[16]; unsigned long addr; long npages; unsigned char *mapped; };
@@ -160,16 +165,21 @@ static void do_op(char *l)
 	if (t) target = atoi(t);
 	if (!strcmp(op, "mmap")) {
 		long n = iarg(l, "pages", 1), thp = iarg(l, "thp", 0), sh = iarg(l, "shared", 0);
-		unsigned long len = n * PS, extra = THP + 2 * PS;
-		char *m = mmap(NULL, len + extra, PROT_READ | PROT_WRITE,
-			       (sh ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS, -1, 0);
+		unsigned long len = n * PS;
+		/* Placed bottom-up by copyengine's own rule (model.py: a 2 MiB pad that is
+		 * unmapped again, the region, a guard page left unmapped), from its MMAP_BASE:
+		 * 2 MiB-aligned, so that page-table-aligned windows (fault-around, PMDs) fall
+		 * alike, and at the same place relative to every region of every process, so
+		 * that an address of one process's region means the same thing in another
+		 * (fork inherits next_addr). The pad is mapped and unmapped here too: a shared
+		 * mapping's file offset at the region is then 2 MiB, PMD-aligned like its
+		 * address (shmem THPs need both). Holes, not PROT_NONE pages: no VMA merge. */
+		unsigned long a = ((next_addr + THP - 1) & ~(THP - 1)) + THP;
+		char *m = mmap((void *)(a - THP), len + THP, PROT_READ | PROT_WRITE,
+			       (sh ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
 		if (m == MAP_FAILED) { reply("op %ld errno=%d", ln, errno); return; }
-		/* 2 MiB-aligned, as model.py places regions: page-table-aligned windows
-		 * (fault-around, PMDs) then fall alike in both */
-		unsigned long a = ((unsigned long)m + PS + THP - 1) & ~(THP - 1);
-		/* guard pages: no VMA merge with a neighbouring region */
-		mprotect((void *)(a - PS), PS, PROT_NONE);
-		mprotect((void *)(a + len), PS, PROT_NONE);
+		munmap(m, THP);
+		next_addr = a + len + PS;
 		madvise((void *)a, len, thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
 		unsigned long mask = 1UL << iarg(l, "node", 0);
 		if (syscall(SYS_mbind, a, len, 2 /* MPOL_BIND */, &mask, 65, 0)) { reply("op %ld errno=%d", ln, errno); return; }

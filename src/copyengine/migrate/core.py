@@ -463,12 +463,12 @@ def migrate_pages(m, heads, target, mode=None, reason=MR_SYSCALL):
             res_h.append(h)
             res_rc.append(rc)
             res_piece.append(np.zeros(len(h), bool))
-            if len(split):  # the pieces of split folios, as base pages, without splitting again
+            if len(split):  # the pieces of split folios: "minimal effort", one ASYNC pass
                 if d.exc is not None:
                     h2, rc2, _ = _interrupted(split)
                 else:
-                    h2, rc2, _ = migrate_pages_batch(m, split, target, MIGRATE_ASYNC,
-                                                     NR_MAX_MIGRATE_PAGES_RETRY, nosplit=True, dispatch=d)
+                    h2, rc2, _ = migrate_pages_batch(m, split, target, MIGRATE_ASYNC, 1, nosplit=True,
+                                                     dispatch=d)
                 res_h.append(h2)
                 res_rc.append(rc2)
                 res_piece.append(np.ones(len(h2), bool))

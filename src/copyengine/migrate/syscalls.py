@@ -16,6 +16,7 @@ from ..errors import oserror
 from ..mm.pageflags import PG_isolated
 from ..mm.process import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL
 from ..mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
+from .accounting import SPLIT
 from .fastpath import move_pages_fast, query_fast
 from .core import folio_isolate_lru, migrate_pages as migrate_folios, putback_movable_folios
 
@@ -430,5 +431,8 @@ def migrate_to_node(target, source, dest, move_all) -> int:
         return int(busy.sum())
     folio_isolate_lru(m, h)
     res = migrate_folios(m, h, dest, m.settings["migrate_mode"])
-    # a split folio counts once, as failed; its pieces' own failures are not counted
-    return int(busy.sum()) + int(((~res.piece) & (res.rc != 0)).sum())
+    # migrate_pages(): a split folio counts once, as failed, its pieces' own failures not
+    # at all; and 0 when every folio and piece migrated ("Return 0 in case all split
+    # folios of fail-to-migrate large folios are migrated successfully")
+    left = bool(((res.rc != 0) & (res.rc != SPLIT)).any())
+    return int(busy.sum()) + (int(((~res.piece) & (res.rc != 0)).sum()) if left else 0)

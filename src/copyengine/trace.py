@@ -13,12 +13,15 @@ fields (succeeded, failed, thp_succeeded, thp_failed, thp_split, large_folio_spl
 reason) and when its first folio was usable again. A folio's *unavailability window* is
 the time from its batch's unmap to the end of its batch's finalize: batching copies
 before remapping, so every folio of a batch waits for the whole batch's copy. The copy
-slice is the engine call as the framework sees it (one slice on the calling thread);
-engines do not report their workers' own spans.
+slice is the engine call as the framework sees it (on the calling thread); an engine that
+fills ``CopyJob.spans`` (``mt:N`` per worker, ``serial`` as "cpu", ``opencl`` per channel)
+adds one track per worker or channel ("lane") with its own copy slices, inside that
+batch's copy phase. See docs/trace.md.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -36,6 +39,7 @@ class Recorder:
         self.t0 = time.perf_counter()
         self.batches = []   # (tid, prepare, unmap, move, copy, finalize, end, folios, pages, engine)
         self.calls = []     # dicts: start, end, first_usable, and the tracepoint's fields
+        self.spans = []     # (tid, lane, t0, t1, folios, engine): an engine's workers or channels
         self._lock = threading.Lock()
 
     # -- filled by the state machine
@@ -43,6 +47,24 @@ class Recorder:
         with self._lock:
             self.batches.append((threading.get_ident(), t_prepare, t_unmap, t_move, t_copy, t_finalize,
                                  t_end, int(folios), int(pages), str(engine)))
+
+    def copy_spans(self, engine, spans):
+        """The slices an engine put in ``CopyJob.spans`` for one job, once it is retired.
+        Each must be ``(lane, t0, t1, folios)``: a non-empty str, finite perf_counter
+        seconds with t0 <= t1, an int >= 0; ValueError naming the engine otherwise, and
+        none of the job's spans is kept."""
+        me = threading.get_ident()
+        rows = []
+        for s in spans:
+            ok = isinstance(s, tuple) and len(s) == 4 and isinstance(s[0], str) and s[0]
+            ok = ok and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+                            for t in s[1:3]) and s[1] <= s[2]
+            if not (ok and isinstance(s[3], (int, np.integer)) and not isinstance(s[3], bool) and s[3] >= 0):
+                raise ValueError(f"engine {engine}: a copy span must be (lane, t0, t1, folios) with "
+                                 f"t0 <= t1 and folios >= 0, not {s!r}")
+            rows.append((me, s[0], float(s[1]), float(s[2]), int(s[3]), str(engine)))
+        with self._lock:
+            self.spans.extend(rows)
 
     def first_remap_since(self, since):
         """When this thread's first batch that started after ``since`` remapped its folios."""
@@ -80,7 +102,9 @@ class Recorder:
     # -- the timeline
     def chrome_trace(self, pid=None, name="copyengine", t0=None) -> dict:
         """The trace-event JSON object: one track per thread, one complete ("X") slice per
-        phase of every batch, and one instant ("i") event per call with its fields. ``pid``
+        phase of every batch, one track per copy lane (an engine's worker or channel, named
+        by the lane; "lane (thread N)" when several migrating threads had spans) with its
+        slices, and one instant ("i") event per call with its fields. ``pid``
         and ``name`` label the process track (several recorders can share one file, see
         :func:`merge`); ``t0`` is the time that becomes 0 (default: when recording began)."""
         pid = os.getpid() if pid is None else pid
@@ -96,14 +120,36 @@ class Recorder:
                     events.append({"name": name if name != "copy" else f"copy ({b[9]})", "cat": "migrate",
                                    "ph": "X", "pid": pid, "tid": tid, "ts": us(start), "dur": (end - start) * 1e6,
                                    "args": {"folios": b[7], "pages": b[8], "engine": b[9]}})
-        for tid_real, tid in tids.items():
-            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
-                           "args": {"name": f"migrating thread {tid}"}})
+        for s in self.spans:  # a thread with copy spans but no batch recorded (yet)
+            tids.setdefault(s[0], len(tids) + 1)
+        for tid in tids.values():
+            events += [{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
+                        "args": {"name": f"migrating thread {tid}"}},
+                       {"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid,
+                        "args": {"sort_index": tid}}]
+        events += self._lane_events(pid, us, tids)
         for c in self.calls:
             args = {k: v for k, v in c.items() if k not in ("start", "end", "first_usable")}
             events.append({"name": "mm_migrate_pages", "cat": "migrate", "ph": "i", "s": "p", "pid": pid,
                            "tid": 1, "ts": us(c["end"]), "args": args})
         return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def _lane_events(self, pid, us, tids):
+        """The copy lanes' tracks (below the threads', in order of first use) and slices."""
+        events, lanes = [], {}
+        several = len({s[0] for s in self.spans}) > 1
+        for s in self.spans:
+            key = (s[0], s[1])
+            if key not in lanes:
+                lanes[key] = tid = len(tids) + len(lanes) + 1
+                label = f"{s[1]} (thread {tids[s[0]]})" if several else s[1]
+                events += [{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": label}},
+                           {"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid,
+                            "args": {"sort_index": tid}}]
+            events.append({"name": "copy", "cat": "copy", "ph": "X", "pid": pid, "tid": lanes[key],
+                           "ts": us(s[2]), "dur": (s[3] - s[2]) * 1e6,
+                           "args": {"lane": s[1], "folios": s[4], "engine": s[5]}})
+        return events
 
     def write_chrome_trace(self, path) -> None:
         with open(path, "w") as f:

@@ -50,148 +50,48 @@ import time
 import weakref
 
 import numpy as np
-from numba import carray, njit
+from numba import carray, njit, types
 
-from ..errors import EHWPOISON
 from ..hookspecs import hookimpl
 from .base import Capabilities, Engine
 from .memops import (NT_BYTES, address, atomic_add, atomic_cas, atomic_load, atomic_store,
                      syscall5, voidptr)
-from .memops import copy as _copy
+from .mt_plan import (CHUNKS_PER_THREAD, MAX_CHUNK, MIN_CHUNK, SOLO_BYTES, STAMP,  # noqa: F401
+                      _copy_span, _find, _plan, chunk_spans, plan)
 
-CACHE_LINE = 64
-CHUNKS_PER_THREAD = 16   # chunks per thread (more: a late thread still finds work)
-MIN_CHUNK = 16 << 10     # below this a claim's cost would show
-#: largest chunk of whole folios (a 2 MiB folio is one chunk whatever this says)
-MAX_CHUNK = 8 << 20
-#: below this the caller copies alone: a wake (futex, an idle vCPU: 15-20 us here) costs
-#: more than it saves (hot 64 KiB: 6.6 us alone, 21 with 2 threads; 1 MiB: 28 vs 40 us)
-SOLO_BYTES = 1 << 20
 IDLE_EXIT = 5.0          # seconds a worker sleeps without a batch before it exits
 WAIT_LIMIT = 30.0        # seconds a caller waits for chunks claimed by running workers
 SPINS = 1 << 16          # polls of the done counter before the caller sleeps on it
 _GEN_SHIFT, _IDX_MASK = 32, (1 << 32) - 1
 
 
-@njit(cache=True, nogil=True)
-def _plan(memlen, src_off, dst_off, nbytes, folio, poisoned, nthreads, result, prefix, edges):
-    """Validate the job, fill ``result`` and cut the batch into chunks.
-
-    ``prefix[i]`` is where descriptor i starts in the stream of bytes to copy (the
-    descriptors of poisoned folios count 0 bytes: they are never read); chunk k is
-    ``edges[k]`` .. ``edges[k+1]`` of that stream. Returns ``(runs, nchunks)`` (a run:
-    consecutive descriptors of one folio with bytes to copy), or ``(-(i+1), 0)`` for a
-    bad descriptor i.
-    """
-    nfolios = poisoned.shape[0]
-    for f in range(nfolios):
-        result[f] = -EHWPOISON if poisoned[f] else 0
-    total = 0
-    runs = 0
-    last = -1
-    prefix[0] = 0
-    ndesc = nbytes.shape[0]
-    for i in range(ndesc):
-        f = folio[i]
-        n = nbytes[i]
-        s = src_off[i]
-        d = dst_off[i]
-        if f < 0 or f >= nfolios or n < 0 or s < 0 or d < 0 or s + n > memlen or d + n > memlen:
-            return -(i + 1), 0
-        if poisoned[f]:
-            n = 0
-        if n > 0 and f != last:
-            runs += 1
-            last = f
-        total += n
-        prefix[i + 1] = total
-    edges[0] = 0
-    if total == 0:
-        return runs, 0
-    if nthreads == 1 or total < SOLO_BYTES:
-        edges[1] = total
-        return runs, 1
-    share = total // (nthreads * CHUNKS_PER_THREAD)
-    nchunks = 0
-    if runs < nthreads:
-        # fewer folios than threads: cut folios into cache-line-aligned chunks
-        chunk = max(MIN_CHUNK, share + CACHE_LINE - 1 - (share + CACHE_LINE - 1) % CACHE_LINE)
-        x = chunk
-        while x < total:
-            nchunks += 1
-            edges[nchunks] = x
-            x += chunk
-    else:
-        # whole folios: cut at the first run edge at least a chunk past the last cut
-        chunk = min(MAX_CHUNK, max(MIN_CHUNK, share))
-        last = -1
-        for i in range(ndesc):
-            if prefix[i + 1] > prefix[i]:
-                if folio[i] != last and prefix[i] - edges[nchunks] >= chunk:
-                    nchunks += 1
-                    edges[nchunks] = prefix[i]
-                last = folio[i]
-    nchunks += 1
-    edges[nchunks] = total
-    return runs, nchunks
-
-
-@njit(cache=True, nogil=True)
-def _find(prefix, ndesc, x):
-    """The descriptor whose bytes hold stream position x: the last i with prefix[i] <= x
-    (so zero-length descriptors at x are skipped)."""
-    lo = 0
-    hi = ndesc
-    while hi - lo > 1:
-        mid = (lo + hi) >> 1
-        if prefix[mid] <= x:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-@njit(cache=True, nogil=True)
-def _copy_span(mem, src_off, dst_off, prefix, ndesc, lo, hi, nt):
-    """Copy stream bytes [lo, hi): the tail of one descriptor, whole ones, a head."""
-    if lo >= hi:
-        return
-    i = _find(prefix, ndesc, lo)
-    run_d = run_s = run_n = 0  # pieces contiguous on both sides are copied as one run
-    while lo < hi:
-        end = prefix[i + 1]
-        if end > lo:
-            off = lo - prefix[i]
-            n = min(end, hi) - lo
-            d, s = dst_off[i] + off, src_off[i] + off
-            if run_n and d == run_d + run_n and s == run_s + run_n:
-                run_n += n
-            else:
-                if run_n:
-                    _copy(mem, run_d, run_s, run_n, nt)
-                run_d, run_s, run_n = d, s, n
-            lo += n
-        i += 1
-    if run_n:
-        _copy(mem, run_d, run_s, run_n, nt)
-
-
 # Layout of a pool's control array (int64). The claim word is generation << 32 | next chunk;
 # 0 between batches, so that a thread holding a stale view of the fields can claim nothing.
 C_CLAIM, C_DONE, C_SEQ, C_CLOSED = 0, 1, 2, 3
 C_MEM, C_MEMLEN, C_SRC, C_DST, C_PREFIX, C_NDESC, C_EDGES, C_NCHUNKS, C_NTB, C_GEN = range(4, 14)
-C_IDLE_TS, C_WAIT_TS, C_SLOTS = 14, 16, 18     # timespecs (sec, nsec); a flag per worker
+C_IDLE_TS, C_WAIT_TS = 14, 16     # timespecs (sec, nsec)
+C_STAMPS, C_SLOTS = 18, 19        # address of the batch's stamps (0: no spans wanted); a flag per worker
 SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine(), 0) if sys.platform.startswith("linux") else 0
 FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 128, 129
+#: libc's clock_gettime(2) (the vDSO: no system call), bound by name like ``syscall5``;
+#: CLOCK_MONOTONIC is the clock of time.perf_counter() on Linux, so stamps need no calibration
+clock_gettime = types.ExternalFunction("clock_gettime", types.intc(types.intc, types.voidptr))
+CLOCK_MONOTONIC = 1
 
 
 @njit(cache=True, nogil=True)
-def _claim_and_copy(mem, src_off, dst_off, prefix, ndesc, edges, nchunks, nt_bytes, ctl, gen):
+def _claim_and_copy(mem, src_off, dst_off, prefix, ndesc, edges, nchunks, nt_bytes, ctl, gen, lane=0):
     """Claim chunks of generation ``gen`` from ``ctl[C_CLAIM]`` until none is left, copying
     each and counting it done in ``ctl[C_DONE]`` (the thread that completes the batch wakes
     a caller sleeping on that word). A thread that arrives after its batch sees another
     generation (or no chunk left) and reads no memory: nothing but the control array is
-    touched before a claim succeeds. Returns the number of chunks this thread copied."""
+    touched before a claim succeeds. Returns the number of chunks this thread copied.
+
+    While ``ctl[C_STAMPS]`` holds an address (a trace recorder wants spans), a chunk's row
+    there gets ``lane + 1`` (0: the caller, K: worker K) and the CLOCK_MONOTONIC time its
+    copy started and ended, before it is counted done; otherwise this costs a branch."""
+    at = atomic_load(ctl, C_STAMPS)
+    stamps = carray(voidptr(at if at else address(ctl)), STAMP * nchunks if at else 0, np.int64)
     mine = 0
     while True:
         v = atomic_load(ctl, C_CLAIM)
@@ -202,8 +102,13 @@ def _claim_and_copy(mem, src_off, dst_off, prefix, ndesc, edges, nchunks, nt_byt
             break
         if atomic_cas(ctl, C_CLAIM, v, v + 1) != v:
             continue
+        if at:
+            stamps[STAMP * k] = lane + 1
+            clock_gettime(CLOCK_MONOTONIC, voidptr(at + 8 * (STAMP * k + 1)))
         _copy_span(mem, src_off, dst_off, prefix, ndesc, edges[k], edges[k + 1],
                    edges[nchunks] >= nt_bytes)
+        if at:
+            clock_gettime(CLOCK_MONOTONIC, voidptr(at + 8 * (STAMP * k + 3)))
         mine += 1
         if atomic_add(ctl, C_DONE, 1) + 1 == nchunks:
             syscall5(SYS_FUTEX, address(ctl) + 8 * C_DONE, FUTEX_WAKE_PRIVATE, 1, 0, 0)
@@ -276,7 +181,7 @@ def _worker_loop(ctl, slot):
             prefix = carray(voidptr(atomic_load(ctl, C_PREFIX)), ndesc + 1, np.int64)
             edges = carray(voidptr(atomic_load(ctl, C_EDGES)), nchunks + 1, np.int64)
             _claim_and_copy(mem, src, dst, prefix, ndesc, edges, nchunks,
-                            atomic_load(ctl, C_NTB), ctl, gen)
+                            atomic_load(ctl, C_NTB), ctl, gen, slot + 1)
             continue
         rc = syscall5(SYS_FUTEX, address(ctl) + 8 * C_SEQ, FUTEX_WAIT_PRIVATE, seq & _IDX_MASK,
                       address(ctl) + 8 * C_IDLE_TS, 0)
@@ -321,10 +226,14 @@ class _Pool:
                 threading.Thread(target=_worker_loop, args=(self.ctl, i), daemon=True,
                                  name=f"copyengine-mt-{i + 1}").start()
 
-    def run(self, args):
-        """Copy one batch with the workers; the caller holds ``busy``."""
+    def run(self, args, stamps=None):
+        """Copy one batch with the workers; the caller holds ``busy``. With ``stamps`` (an
+        int64 array of at least STAMP per chunk) each chunk's thread and times land there."""
         nchunks = args[6]
         self.gen = gen = self.gen % 0x7FFFFFFF + 1     # never 0: 0 is "no batch"
+        if stamps is not None:
+            stamps[:STAMP * nchunks] = 0
+        self.ctl[C_STAMPS] = 0 if stamps is None else stamps.ctypes.data  # published with the batch
         self._start()
         if _run_batch(self.ctl, *args, gen, self.nworkers, SPINS):
             return
@@ -332,7 +241,7 @@ class _Pool:
         while not _wait_done(self.ctl, nchunks, 0, True):
             if time.monotonic() > deadline:
                 # The worker may still write: keep what it reads alive, never reuse this pool.
-                self.stuck = args
+                self.stuck = (args, stamps)
                 raise RuntimeError(f"mt: a copy thread held a chunk for more than {WAIT_LIMIT} s")
 
     def close(self):
@@ -424,18 +333,32 @@ class MtEngine(Engine):
         if nchunks == 0:
             return result
         args = (mem, job.src_off, job.dst_off, prefix, ndesc, edges, nchunks, self.nt_bytes)
+        spans = job.spans
         if nchunks > 1 and SYS_FUTEX and _shareable(job.src_off) and _shareable(job.dst_off):
             pool = self._workers()
             if pool.busy.acquire(blocking=False):
+                stamps = None if spans is None else self._stamps(nchunks)
                 try:
-                    pool.run(args)
+                    pool.run(args, stamps)
                 finally:
                     pool.busy.release()
+                if stamps is not None:
+                    spans.extend(chunk_spans(stamps, nchunks, edges, prefix, job.folio))
                 return result
         # one chunk, or another thread is using the workers: this thread copies alone
         total = int(edges[nchunks])
+        t0 = time.perf_counter() if spans is not None else 0.0
         _copy_span(mem, job.src_off, job.dst_off, prefix, ndesc, 0, total, total >= self.nt_bytes)
+        if spans is not None:
+            spans.append(("mt worker 0", t0, time.perf_counter(), int(np.count_nonzero(result == 0))))
         return result
+
+    def _stamps(self, nchunks):
+        """This thread's stamps array (see :func:`mt_plan.chunk_spans`), grown when too small."""
+        st = getattr(self._tls, "stamps", None)
+        if st is None or st.shape[0] < STAMP * nchunks:
+            st = self._tls.stamps = np.zeros(STAMP * max(nchunks, 64), np.int64)
+        return st
 
     def plan(self, job):
         """The chunks ``copy(job)`` makes: see :func:`plan`."""
@@ -456,37 +379,6 @@ class MtEngine(Engine):
 def _shareable(a) -> bool:
     """Workers see the caller's offset arrays by address: contiguous int64 only."""
     return a.dtype == np.int64 and a.ndim == 1 and a.flags.c_contiguous
-
-
-def plan(job, nthreads):
-    """The chunks ``mt:nthreads`` cuts ``job`` into, without copying: a list with one entry
-    per chunk, in the order they are claimed, each a list of ``(folio, first_byte,
-    end_byte)`` pieces (byte offsets within the folio's bytes, its descriptors taken in
-    job order). Which thread copies a chunk is decided while copying."""
-    ndesc = len(job.nbytes)
-    prefix = np.empty(ndesc + 1, np.int64)
-    edges = np.empty(ndesc + nthreads * CHUNKS_PER_THREAD + 3, np.int64)
-    rc, nchunks = _plan(len(job.mem), job.src_off, job.dst_off, job.nbytes, job.folio,
-                        job.src_poisoned, nthreads, np.empty(job.nr_folios, np.int32), prefix, edges)
-    if rc < 0:
-        raise ValueError(f"bad descriptor {-rc - 1}")
-    within, seen = [], {}     # where each descriptor starts within its folio
-    for i, f in enumerate(job.folio.tolist()):
-        within.append(seen.get(f, 0))
-        seen[f] = within[-1] + int(prefix[i + 1] - prefix[i])
-    out = []
-    for k in range(nchunks):
-        lo, hi, pieces = int(edges[k]), int(edges[k + 1]), []
-        for i in range(ndesc):
-            a, b = max(lo, int(prefix[i])), min(hi, int(prefix[i + 1]))
-            if a < b:
-                f, base = int(job.folio[i]), within[i] - int(prefix[i])
-                if pieces and pieces[-1][0] == f and pieces[-1][2] == a + base:
-                    pieces[-1] = (f, pieces[-1][1], b + base)
-                else:
-                    pieces.append((f, a + base, b + base))
-        out.append(pieces)
-    return out
 
 
 def make_mt(arg, machine):

@@ -83,11 +83,16 @@ def _engine_copy(b, part, engine, d) -> np.ndarray:
     retried later with fresh ones (-EAGAIN)."""
     m = b.m
     job = build_copy_job(b, part)
+    rec = m.recorder
+    if rec is not None:
+        job.spans = []  # the engine may put its workers' or channels' slices here
     try:
         if d.direct_copy:
             res = run_engine(engine, job, m.settings["copy_timeout"])
         else:
             res = m.pm.hook.copyengine_batch_copy(machine=m, engine=engine, job=job)
+        if rec is not None:
+            rec.copy_spans(engine.name, job.spans)
         return check_status(res, len(part), engine.name)
     except CopyStillRunning as e:
         b.stray[part] = True

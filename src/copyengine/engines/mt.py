@@ -343,7 +343,7 @@ class MtEngine(Engine):
                 finally:
                     pool.busy.release()
                 if stamps is not None:
-                    spans.extend(chunk_spans(stamps, nchunks, edges, prefix, job.folio))
+                    spans.extend(chunk_spans(stamps, nchunks, edges, prefix, job.folio, self.nthreads))
                 return result
         # one chunk, or another thread is using the workers: this thread copies alone
         total = int(edges[nchunks])

@@ -583,3 +583,33 @@ def test_read_write_against_shadow(ops):
             assert p.read(a, size) == shadow
         p.exit()
         assert m.free_pages() == m.total_frames - 1
+
+
+def test_migration_of_a_thp_mapped_whole_and_in_part_queues_its_split(machine):
+    """Linux 6.12: try_to_migrate removes the parent's whole mapping of a THP while the
+    child still maps part of it, so the folio is queued for a deferred split on the way,
+    and migrate_folio_move requeues the destination. The next migration splits it, and
+    its zero-filled pages become the zero page in both processes (a recorded kernel run)."""
+    m = machine
+    p = m.spawn(cap_sys_nice=True)
+    a = p.mmap(2 * MiB, folio_size="2MiB")
+    p.write(a + 511 * PS, b"z")
+    c = p.fork()
+    c.munmap(a + PS, 16 * PS)                    # the child maps the folio only in part
+    head = p.pfn_of(a)
+    assert not m.mem_map.flags[head] & PG_partially_mapped   # the parent still maps it all
+    st = mig(m)
+    r = c.move_pages(0, [a + 256 * PS], [1], flags=ce.MPOL_MF_MOVE_ALL)
+    assert r.ret == 0 and r.status == [1]
+    mig_delta(st, m, pgmigrate_success=512, thp_migration_success=1)   # moved whole
+    dst = p.pfn_of(a)
+    assert m.mem_map.order[dst] == 9 and m.mem_map.flags[dst] & PG_partially_mapped
+    r = p.move_pages(0, [a], [0], flags=ce.MPOL_MF_MOVE_ALL)
+    assert r.ret == 0 and r.status == [0]
+    mig_delta(st, m, pgmigrate_success=1024, thp_migration_success=1, thp_migration_fail=1,
+              thp_migration_split=1)
+    for proc in (p, c):
+        q = proc.move_pages(0, [a, a + 300 * PS, a + 511 * PS])
+        assert q.status[:2] == [-EFAULT, -EFAULT] and q.status[2] == 0
+        assert proc.read(a + 511 * PS, 1) == b"z"
+    check_machine(m)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engines.memops import NT_BYTES
-from ..mm.huge_memory import can_split_folio, split_folio_isolated
+from ..mm.huge_memory import can_split_folio, deferred_split_folio, split_folio_isolated
 from ..mm.pageflags import PG_isolated, PG_locked, PG_nonzero, PG_partially_mapped, PG_swapbacked
 from ..mm.pte import PTE_MIGRATION, PTE_WRITE, pte_pfn
 from ..uapi import MR_SYSCALL
@@ -161,7 +161,10 @@ def migrate_folio_unmap(b: MigrationBatch) -> None:
         if obj is None:
             continue
         b.rmap[oid] = list(obj.vmas)  # VMAs added later (a fork in the copy) are walked at finalize
-        for vma in obj.vmas:
+        # the anon_vma interval tree's order: by pgoff, then as inserted
+        walk = sorted(obj.vmas, key=lambda v: v.pgoff) if len(obj.vmas) > 1 else obj.vmas
+        large = sel[b.order[sel] > 1] if len(walk) > 1 else ()
+        for vma in walk:
             ev = np.empty(npages, np.int64)
             ep = np.empty(npages, np.int64)
             ef = np.empty(npages, np.int64)
@@ -170,11 +173,23 @@ def migrate_folio_unmap(b: MigrationBatch) -> None:
                                   mm.flags, mm.mapcount, mm.refcount, ev, ep, ef, ew)
             if n:
                 b.entries.append([vma, ev, ep, ef, ew, n])
+                if len(large):
+                    _deferred_split_on_unmap(b, large, ef[:n])
     mm.flags[src] |= PG_locked  # also folios no PTE maps any more
     if kernels.ref_check(sel, b.src, mm.flags, mm.refcount, b.rc):
         bad = sel[b.rc[sel] == -errno.EAGAIN]
         _restore_ptes(b, bad, to_src=True)
         kernels.unlock(bad, b.src, mm.flags)
+
+
+def _deferred_split_on_unmap(b, large, touched):
+    """try_to_migrate removes a folio's mappings one VMA at a time, and each removal goes
+    through __folio_remove_rmap: a large anonymous folio that one VMA mapped whole while
+    another maps only part of it is left mapped in part for a moment, and is queued for a
+    deferred split then (6.12); the destination inherits that (migrate_folio_move)."""
+    m = b.m
+    for f in np.intersect1d(large, touched).tolist():
+        deferred_split_folio(m, int(b.src[f]))
 
 
 def _restore_ptes(b, folios, to_src):
@@ -290,6 +305,11 @@ def migrate_folios_finalize(b: MigrationBatch) -> None:
     ok = np.nonzero(b.copied)[0]
     undo = np.nonzero(~b.copied & (b.dst >= 0))[0]
     if len(ok):
+        deferred = ok[(mm.flags[b.src[ok]] & PG_partially_mapped) != 0]
+        for f in deferred.tolist():  # migrate_folio_move requeues the destination
+            mm.flags[b.dst[f]] |= PG_partially_mapped
+            if b.order[f] == m.max_order:
+                m.count("thp_deferred_split_page")
         _restore_ptes(b, ok, to_src=False)
         kernels.finalize_done(ok, b.src, b.dst, b.nr, mm.flags, mm.refcount)
         m.free_folios(b.src[ok])

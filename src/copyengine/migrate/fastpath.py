@@ -31,7 +31,7 @@ from ..engines.memops import NT_BYTES
 from ..engines.serial import SerialEngine, VanillaEngine
 from ..mm.buddy import alloc_blocks, free_one, rmqueue_bulk
 from ..mm.folio_ops import free_folios, prep_new_folios
-from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked
+from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked, PG_partially_mapped
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT
 from ..uapi import MR_SYSCALL
 from . import kernels
@@ -93,7 +93,8 @@ def lookup_and_isolate(addrs, start, end, page_shift, ptes, node, fpn, zero_pfn,
             if (flags[h + j] & PG_hwpoison) != 0 or mapcount[h + j] > 1:
                 bail = True
             maps += mapcount[h + j]
-        if bail or refcount[h] != maps or (nr > 1 and maps != nr) or order[h] != qorder:
+        if bail or refcount[h] != maps or (nr > 1 and maps != nr) or order[h] != qorder \
+                or (flags[h] & PG_partially_mapped) != 0:
             bail = True
             break
         flags[h] |= PG_isolated

@@ -343,6 +343,16 @@ static void run_scenarios(char *text)
 		if (!strcmp(op, "exit")) alive[p] = 0;
 		getline_fd(resp[p][0], ans, sizeof ans);
 		if (strcmp(ans, "ok")) fprintf(out, "%s\n", ans);
+		if (!strcmp(op, "exit")) {
+			/* It replies before it exits: wait until it is gone, its memory unmapped,
+			 * or the next line races with its teardown (a write that finds a THP still
+			 * shared copies it; a call on its pid finds it still there). Orphans
+			 * reparented to us are reaped here; bounded to 10 s. */
+			for (int k = 0; k < 100000 && (kill(pids[p], 0) == 0 || errno != ESRCH); k++) {
+				while (waitpid(-1, NULL, WNOHANG) > 0) ;
+				usleep(100);
+			}
+		}
 		fflush(out);
 	}
 }

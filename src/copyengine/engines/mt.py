@@ -226,14 +226,13 @@ class _Pool:
                 threading.Thread(target=_worker_loop, args=(self.ctl, i), daemon=True,
                                  name=f"copyengine-mt-{i + 1}").start()
 
-    def run(self, args, stamps=None):
+    def run(self, args, stamps=None, at=0):
         """Copy one batch with the workers; the caller holds ``busy``. With ``stamps`` (an
-        int64 array of at least STAMP per chunk) each chunk's thread and times land there."""
+        int64 array of at least STAMP per chunk, at address ``at``) each chunk's thread and
+        times land there."""
         nchunks = args[6]
         self.gen = gen = self.gen % 0x7FFFFFFF + 1     # never 0: 0 is "no batch"
-        if stamps is not None:
-            stamps[:STAMP * nchunks] = 0
-        self.ctl[C_STAMPS] = 0 if stamps is None else stamps.ctypes.data  # published with the batch
+        self.ctl[C_STAMPS] = at if stamps is not None else 0  # published with the batch
         self._start()
         if _run_batch(self.ctl, *args, gen, self.nworkers, SPINS):
             return
@@ -337,9 +336,9 @@ class MtEngine(Engine):
         if nchunks > 1 and SYS_FUTEX and _shareable(job.src_off) and _shareable(job.dst_off):
             pool = self._workers()
             if pool.busy.acquire(blocking=False):
-                stamps = None if spans is None else self._stamps(nchunks)
+                stamps, at = (None, 0) if spans is None else self._stamps(nchunks)
                 try:
-                    pool.run(args, stamps)
+                    pool.run(args, stamps, at)
                 finally:
                     pool.busy.release()
                 if stamps is not None:
@@ -354,11 +353,14 @@ class MtEngine(Engine):
         return result
 
     def _stamps(self, nchunks):
-        """This thread's stamps array (see :func:`mt_plan.chunk_spans`), grown when too small."""
-        st = getattr(self._tls, "stamps", None)
+        """This thread's stamps array (see :func:`mt_plan.chunk_spans`), grown when too
+        small, and its address."""
+        tls = self._tls
+        st = getattr(tls, "stamps", None)
         if st is None or st.shape[0] < STAMP * nchunks:
-            st = self._tls.stamps = np.zeros(STAMP * max(nchunks, 64), np.int64)
-        return st
+            st = tls.stamps = np.zeros(STAMP * max(nchunks, 64), np.int64)
+            tls.stamps_at = st.ctypes.data
+        return st, tls.stamps_at
 
     def plan(self, job):
         """The chunks ``copy(job)`` makes: see :func:`plan`."""

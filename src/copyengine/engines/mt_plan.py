@@ -197,5 +197,4 @@ def chunk_spans(stamps, nchunks, edges, prefix, folio, nthreads):
     CLOCK_MONOTONIC, the one the threads read), and how many folios its chunks touched."""
     out = np.empty((nthreads, 4), np.int64)
     _lanes(stamps, nchunks, edges, prefix, folio, out)
-    return [(f"mt worker {k}", out[k, 0] / 1e9, out[k, 1] / 1e9, int(out[k, 2]))
-            for k in range(nthreads) if out[k, 1] > 0]
+    return [(f"mt worker {k}", t0 / 1e9, t1 / 1e9, n) for k, (t0, t1, n, _) in enumerate(out.tolist()) if t1]

@@ -90,7 +90,8 @@ class OpenCLEngine(Engine):
         mb = self._buffers(job.mem)
         nf = int(job.nr_folios)
         res, src, dst, nb, fol = prep_descriptors(job, nf, mb.size)
-        comp = OpenCLCompletion(self, nf, job.spans)
+        spans = getattr(job, "spans", None)     # a job-like object may lack the attribute
+        comp = OpenCLCompletion(self, nf, spans)
         comp._mb = mb
         comp.result[:] = res
         if len(nb):

@@ -52,8 +52,9 @@ An engine that raises :class:`copyengine.EngineUnavailable` here (no device on t
 makes every check of the class skip, with the reason (``skip_unavailable = False`` makes
 them fail instead); ``check_engine`` lets the exception through.
 
-Jobs are built over the memory of a small :class:`copyengine.Machine` (2 nodes of 4 MiB)
-that the kit creates with the chosen plugins, so engines see the real ``job.mem`` shape.
+Jobs are built over the memory of a small :class:`copyengine.Machine` (2 nodes of 4 MiB;
+of 8 MiB for ``test_small_and_large_paths``, whose filler lies in the upper half) that the
+kit creates with the chosen plugins, so engines see the real ``job.mem`` shape.
 Machine-check safety can only be observed through its effects: the kit cannot see reads,
 so it checks that an mc-safe engine writes nothing of a poisoned folio.
 

@@ -123,7 +123,7 @@ def run(args) -> int:
     from . import report
     from .busy import busy
     from .runner import BenchError, make_plan, run_bench
-    from .tradeoff import format_tradeoff, run_tradeoff, write_tradeoff_plot
+    from .tradeoff import format_tradeoff, plot_points, run_tradeoff, write_tradeoff_plot
 
     for path, what in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot"),
                        (getattr(args, "markdown", None), "--markdown"), (getattr(args, "trace", None), "--trace")):
@@ -171,6 +171,7 @@ def run(args) -> int:
         print("copyengine bench: interrupted", file=sys.stderr)
         return 130
 
+    res["tradeoff_plot"] = plot_points(res)  # the JSON keeps the points of the chart
     print(report.format_report(res, spread=not args.no_spread))
     if res.get("tradeoff"):
         print("\n" + format_tradeoff(res["tradeoff"]))
@@ -187,11 +188,19 @@ def run(args) -> int:
             report.write_trace(res, args.trace)
         if res.get("tradeoff"):
             write_tradeoff_plot(res["tradeoff"], args.tradeoff)
+        elif res["tradeoff_plot"] and (args.json or getattr(args, "markdown", None)) and not report.plot_available():
+            # the chart as a PNG beside the results: local-default.json -> local-default-tradeoff.png
+            write_tradeoff_plot(res["tradeoff_plot"], tradeoff_png(args.json or args.markdown))
     except OSError as e:
         print(f"copyengine bench: error: cannot write results: {e}", file=sys.stderr)
         return 1
     failed = [r for r in res["results"] if not r["verified"] and not r.get("unavailable")]
     return 1 if failed else 0
+
+
+def tradeoff_png(path) -> str:
+    """Where a plain run writes its trade-off PNG: beside ``path``, its suffix replaced."""
+    return os.path.splitext(path)[0] + "-tradeoff.png"
 
 
 def _run_scenario(args, pm) -> int:

@@ -1,5 +1,5 @@
 """Reports of a bench result (the dict :func:`copyengine.bench.run_bench` returns):
-text/markdown tables shaped like the seed's, JSON, CSV and a plot."""
+text/markdown tables shaped like the seed's and the trade-off chart, JSON, CSV and a plot."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +10,7 @@ import os
 from . import seed
 from .overhead import format_overhead
 from .runner import PHASES
+from .tradeoff import format_tradeoff_plot, plot_points
 
 CSV_FIELDS = ("page_size", "base_page", "folio_size", "count", "config", "bytes", "gbps", "gbps_min",
               "gbps_max", "fraction", "repeats", "verified", "seconds", "cpu_s_per_gib", "window_p50_us",
@@ -252,6 +253,7 @@ def format_report(res, spread=True) -> str:
     sc = seed.format_comparison(res.get("seed_comparison") or [])
     if sc:
         parts += ["", sc]
+    parts += ["", format_tradeoff_plot(trade_points(res))]
     failed = [r for r in res.get("results", []) if not r["verified"] and not r.get("unavailable")]
     if failed:
         parts += ["", f"{len(failed)} cell(s) FAILED and are not counted:"]
@@ -259,6 +261,12 @@ def format_report(res, spread=True) -> str:
     if res.get("elapsed_s") is not None:
         parts += ["", f"bench time {res['elapsed_s']:.0f} s"]
     return "\n".join(parts)
+
+
+def trade_points(res):
+    """The trade-off plot's points: as the run recorded them (``tradeoff_plot``), else
+    computed from its cells (see :func:`.tradeoff.plot_points`)."""
+    return res["tradeoff_plot"] if "tradeoff_plot" in res else plot_points(res)
 
 
 # --------------------------------------------------------------------------- files
@@ -315,6 +323,8 @@ def write_markdown(res, path, title="copyengine bench") -> None:
         if failed:
             f.write(f"\n## {len(failed)} failed cell(s), not counted\n\n")
             f.write("".join(f"- {r['page_size']} x{r['count']} {r['config']}: {r.get('error')}\n" for r in failed))
+        title, _, chart = format_tradeoff_plot(trade_points(res)).partition("\n")
+        f.write(f"\n## {title}\n" + (f"\n```\n{chart.strip()}\n```\n" if chart else ""))
         if res.get("elapsed_s") is not None:
             f.write(f"\nbench time {res['elapsed_s']:.0f} s\n")
 

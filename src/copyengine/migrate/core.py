@@ -25,15 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engines.memops import NT_BYTES
-from ..mm.huge_memory import can_split_folio, deferred_split_folio, split_folio_isolated
+from ..mm.huge_memory import can_split_folio, split_folio_isolated
 from ..mm.pageflags import PG_isolated, PG_locked, PG_nonzero, PG_partially_mapped, PG_swapbacked
-from ..mm.pte import PTE_MIGRATION, PTE_WRITE, pte_pfn
 from ..uapi import MR_SYSCALL
 from . import kernels
 from .accounting import SPLIT, count_migrate, migrate_stats
-from .batch_copy import BatchInfo, migrate_folios_batch_copy, select_copy_engine
+from .batch_copy import migrate_folios_batch_copy, select_copy_engine
 from .dispatch import Dispatch, unlocked
 from .quarantine import quarantine_folios, release_quarantine
+from .rmap import remove_migration_ptes, try_to_migrate
 
 
 MIGRATE_ASYNC, MIGRATE_SYNC_LIGHT, MIGRATE_SYNC = "async", "sync_light", "sync"
@@ -147,90 +147,16 @@ def migrate_folio_unmap(b: MigrationBatch) -> None:
     (try_to_migrate over the rmap: every VMA of the folio's anon_vma or shmem object),
     drop their references, and check that nothing else holds one: a pinned folio gets
     -EAGAIN and its PTEs back."""
-    m = b.m
-    mm = m.mem_map
+    mm = b.m.mem_map
     sel = np.nonzero((b.rc == 0) & (b.dst >= 0))[0]
     if not len(sel):
         return
-    src = b.src[sel]
-    owners = mm.owner[src]
-    uniq = owners[:1] if (owners == owners[0]).all() else np.unique(owners)
-    npages = int(b.nr[sel].sum())
-    for oid in uniq.tolist():
-        obj = m.objects.get(oid)
-        if obj is None:
-            continue
-        b.rmap[oid] = list(obj.vmas)  # VMAs added later (a fork in the copy) are walked at finalize
-        # the anon_vma interval tree's order: by pgoff, then as inserted
-        walk = sorted(obj.vmas, key=lambda v: v.pgoff) if len(obj.vmas) > 1 else obj.vmas
-        large = sel[b.order[sel] > 1] if len(walk) > 1 else ()
-        for vma in walk:
-            ev = np.empty(npages, np.int64)
-            ep = np.empty(npages, np.int64)
-            ef = np.empty(npages, np.int64)
-            ew = np.empty(npages, np.uint64)
-            n = kernels.unmap_vma(sel, b.src, b.nr, oid, mm.owner, mm.index, vma.pgoff, vma.ptes,
-                                  mm.flags, mm.mapcount, mm.refcount, ev, ep, ef, ew)
-            if n:
-                b.entries.append([vma, ev, ep, ef, ew, n])
-                if len(large):
-                    _deferred_split_on_unmap(b, large, ef[:n])
-    mm.flags[src] |= PG_locked  # also folios no PTE maps any more
+    try_to_migrate(b, sel)
+    mm.flags[b.src[sel]] |= PG_locked  # also folios no PTE maps any more
     if kernels.ref_check(sel, b.src, mm.flags, mm.refcount, b.rc):
         bad = sel[b.rc[sel] == -errno.EAGAIN]
-        _restore_ptes(b, bad, to_src=True)
+        remove_migration_ptes(b, bad, to_src=True)
         kernels.unlock(bad, b.src, mm.flags)
-
-
-def _deferred_split_on_unmap(b, large, touched):
-    """try_to_migrate removes a folio's mappings one VMA at a time, and each removal goes
-    through __folio_remove_rmap: a large anonymous folio that one VMA mapped whole while
-    another maps only part of it is left mapped in part for a moment, and is queued for a
-    deferred split then (6.12); the destination inherits that (migrate_folio_move)."""
-    m = b.m
-    for f in np.intersect1d(large, touched).tolist():
-        deferred_split_folio(m, int(b.src[f]))
-
-
-def _restore_ptes(b, folios, to_src):
-    """remove_migration_ptes for ``folios``: their entries point at the source (undo) or
-    the destination (success) again, with map counts and references. Like the kernel's,
-    it walks the rmap again: a VMA forked from one of the batch's while it was copying
-    holds copies of its migration entries, and they are restored too."""
-    if not len(folios) or not b.entries:
-        return
-    mm = b.m.mem_map
-    want = np.zeros(len(b), np.bool_)
-    want[folios] = True
-    for e in b.entries:
-        vma, ev, ep, ef, ew, n = e
-        e[5] = kernels.restore_vma(ev, ep, ef, ew, n, want, not to_src, b.src, b.dst, vma.ptes,
-                                   mm.mapcount, mm.refcount)
-    b.entries = [e for e in b.entries if e[5]]
-    for oid, seen in b.rmap.items():
-        obj = b.m.objects.get(oid)
-        for vma in (obj.vmas if obj is not None else ()):
-            if not any(vma is v for v in seen):
-                _restore_copied_entries(b, vma, want, to_src)
-
-
-def _restore_copied_entries(b, vma, want, to_src):
-    """The migration entries of ``vma`` (made after unmap, by fork) that name pages of
-    the wanted folios, restored like the batch's own."""
-    mm = b.m.mem_map
-    idx = np.flatnonzero((vma.ptes & PTE_MIGRATION) != 0)
-    if not len(idx):
-        return
-    pfn = pte_pfn(vma.ptes[idx])
-    order = np.argsort(b.src)
-    pos = np.searchsorted(b.src[order], mm.head[pfn])
-    pos = np.minimum(pos, len(b) - 1)
-    f = order[pos]
-    mine = (b.src[f] == mm.head[pfn]) & want[f]
-    if mine.any():
-        ew = vma.ptes[idx[mine]] & PTE_WRITE
-        kernels.restore_vma(idx[mine], pfn[mine], f[mine], ew, int(mine.sum()), want, not to_src, b.src, b.dst,
-                            vma.ptes, mm.mapcount, mm.refcount)
 
 
 def migrate_folios_batch_move(b: MigrationBatch, sel) -> None:
@@ -310,7 +236,7 @@ def migrate_folios_finalize(b: MigrationBatch) -> None:
             mm.flags[b.dst[f]] |= PG_partially_mapped
             if b.order[f] == m.max_order:
                 m.count("thp_deferred_split_page")
-        _restore_ptes(b, ok, to_src=False)
+        remove_migration_ptes(b, ok, to_src=False)
         kernels.finalize_done(ok, b.src, b.dst, b.nr, mm.flags, mm.refcount)
         m.free_folios(b.src[ok])
         dst = b.dst[ok]
@@ -319,7 +245,7 @@ def migrate_folios_finalize(b: MigrationBatch) -> None:
             m.free_folios(unused)
     if len(undo):
         _undo_move(b, undo[b.moved[undo]])
-        _restore_ptes(b, undo, to_src=True)
+        remove_migration_ptes(b, undo, to_src=True)
         kernels.unlock(undo, b.src, mm.flags)
         # an engine may have written them before failing: zeroed before anyone maps them
         mm.flags[b.pages(b.dst, undo)] |= PG_nonzero

@@ -19,6 +19,11 @@ chain before anything is submitted), for every job, small or large alike:
 
 :func:`plan_job` runs both on a job; the engine runs them in two steps only to take a
 channel for the job (round-robin over jobs) when there is something to copy.
+
+The segment and piece cutting is compiled (Numba, like the kernels of migrate/): one
+algorithm for every job size, and it costs a small job less than the plain-Python planner
+that small jobs used to take beside a NumPy one (about 25 against 45 us for four 2 MiB
+folios; 2048 base pages about 70 against 130 us, on this 2-CPU host).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import errno
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from ..base import PENDING
 
@@ -105,125 +111,190 @@ def prep_descriptors(job, nr_folios, mem_size):
     return res, src, dst, nb, fol
 
 
+@njit(cache=True, nogil=True)
+def _pieces(src, dst, nbytes, seg, region, chunk):
+    """plan_pieces, compiled (the planner's core calls it too)."""
+    n = len(src)
+    rs = np.empty(n, np.int64)
+    rd = np.empty(n, np.int64)
+    rn = np.empty(n, np.int64)
+    rg = np.empty(n, np.int64)
+    r = 0
+    count = 0                       # pieces after the chunk cuts
+    for i in range(n):
+        if (r and rs[r - 1] + rn[r - 1] == src[i] and rd[r - 1] + rn[r - 1] == dst[i]
+                and rg[r - 1] == seg[i]):
+            count -= (rs[r - 1] + rn[r - 1] - 1) // chunk - rs[r - 1] // chunk + 1
+            rn[r - 1] += nbytes[i]
+        else:
+            rs[r], rd[r], rn[r], rg[r] = src[i], dst[i], nbytes[i], seg[i]
+            r += 1
+        count += (rs[r - 1] + rn[r - 1] - 1) // chunk - rs[r - 1] // chunk + 1
+    ps = np.empty(2 * count, np.int64)
+    pd = np.empty(2 * count, np.int64)
+    pn = np.empty(2 * count, np.int64)
+    pg = np.empty(2 * count, np.int64)
+    tails = np.empty(count, np.int64)
+    p = 0
+    t = 0
+    for j in range(r):
+        s, d, left, g = rs[j], rd[j], rn[j], rg[j]
+        while left > 0:
+            k = min(left, chunk - s % chunk)
+            ps[p], pd[p], pn[p], pg[p] = s, d, k, g
+            if d // region != (d + k - 1) // region:
+                tails[t] = p   # a piece (<= chunk <= region) crosses at most one edge
+                t += 1
+            p += 1
+            s += k
+            d += k
+            left -= k
+    for x in range(t):      # pieces split off at a destination edge come last
+        q = tails[x]
+        edge = (pd[q] // region + 1) * region
+        head = edge - pd[q]
+        ps[p], pd[p], pn[p], pg[p] = ps[q] + head, edge, pn[q] - head, pg[q]
+        pn[q] = head
+        p += 1
+    return ps[:p], pd[:p], pn[:p], pg[:p]
+
+
 def plan_pieces(src, dst, nbytes, seg, region, chunk):
     """Coalesce contiguous descriptors (never across segments), cut at absolute source
     multiples of ``chunk`` and at destination multiples of ``region`` (buffer edges; source
     edges are chunk multiples). Returns (src, dst, nbytes, seg) of the pieces, in
     descriptor order except pieces split off at a destination edge, which come last."""
-    n = len(src)
-    if n > 1:
-        brk = np.empty(n, bool)
-        brk[0] = True
-        np.not_equal(src[:-1] + nbytes[:-1], src[1:], out=brk[1:])
-        brk[1:] |= dst[:-1] + nbytes[:-1] != dst[1:]
-        brk[1:] |= seg[:-1] != seg[1:]
-        if brk.all():
-            rs, rd, rn, rseg = src, dst, nbytes, seg
-        else:
-            starts = np.flatnonzero(brk)
-            rs, rd, rseg = src[starts], dst[starts], seg[starts]
-            rn = np.add.reduceat(nbytes, starts)
-    else:
-        rs, rd, rn, rseg = src, dst, nbytes, seg
-    base = rs // chunk
-    first_end = np.minimum(rs + rn, (base + 1) * chunk)
-    if (first_end == rs + rn).all():         # every run inside one chunk
-        ps, pd, pn, pseg = rs, rd, rn, rseg
-    else:
-        k = 1 + (rs + rn - first_end + chunk - 1) // chunk
-        idx = np.repeat(np.arange(len(rs)), k)
-        j = np.arange(len(idx)) - np.repeat(np.cumsum(k) - k, k)
-        ps = np.where(j == 0, rs[idx], (base[idx] + j) * chunk)
-        pe = np.minimum((base[idx] + j + 1) * chunk, rs[idx] + rn[idx])
-        pd = rd[idx] + (ps - rs[idx])
-        pn = pe - ps
-        pseg = rseg[idx]
-    edge = (pd // region + 1) * region
-    over = pd + pn - edge
-    x = np.flatnonzero(over > 0)
-    if len(x):  # a piece (<= chunk <= region) crosses at most one destination edge
-        head = edge[x] - pd[x]
-        ps = np.concatenate((ps, ps[x] + head))
-        pd = np.concatenate((pd, edge[x]))
-        pn = np.concatenate((pn, over[x]))
-        pn[x] = head
-        pseg = np.concatenate((pseg, pseg[x]))
-    return ps, pd, pn, pseg
+    return _pieces(*(_ro(a) for a in (src, dst, nbytes, seg)), int(region), int(chunk))
+
+
+@njit(cache=True, nogil=True)
+def _plan(src, dst, nb, fol, nf, channels, region, nbuf):
+    """The segments of plan_segments as arrays: per segment its bytes and (sorted) folios,
+    per group of pieces (segment, source buffer, destination buffer, unaligned) its range
+    of pieces, and the pieces (buffer-relative) with, for kernel groups, their word table."""
+    n0 = len(nb)
+    total = 0
+    m = 0
+    for i in range(n0):
+        total += nb[i]
+        m += (nb[i] + SEG_MAX - 1) // SEG_MAX     # bound a segment (and so cancel latency)
+    target = min(SEG_MAX, max(SEG_MIN, -(-total // (channels * DEPTH))))
+    S = np.empty(m, np.int64)
+    D = np.empty(m, np.int64)
+    N = np.empty(m, np.int64)
+    F = np.empty(m, np.int64)
+    G = np.empty(m, np.int64)
+    sstart = np.empty(m + 1, np.int64)
+    k = 0
+    pos = 0
+    cur = -1
+    nseg = 0
+    for i in range(n0):
+        off = 0
+        while off < nb[i]:
+            c = min(SEG_MAX, nb[i] - off)
+            if pos // target != cur:   # a segment starts where a descriptor crosses a target multiple
+                cur = pos // target
+                sstart[nseg] = k
+                nseg += 1
+            S[k], D[k], N[k], F[k], G[k] = src[i] + off, dst[i] + off, c, fol[i], nseg - 1
+            pos += c
+            off += c
+            k += 1
+    sstart[nseg] = m
+    # folios per segment (sorted), and how many segments each folio waits for
+    segbytes = np.zeros(nseg, np.int64)
+    fstart = np.empty(nseg + 1, np.int64)
+    folios = np.empty(m, np.int64)
+    folio_left = np.zeros(nf, np.int64)
+    fc = 0
+    for g in range(nseg):
+        fstart[g] = fc
+        fs = np.sort(F[sstart[g]:sstart[g + 1]])
+        last = -1
+        for j in range(len(fs)):
+            if fs[j] != last:
+                last = fs[j]
+                folios[fc] = last
+                folio_left[last] += 1
+                fc += 1
+        segbytes[g] = N[sstart[g]:sstart[g + 1]].sum()
+    fstart[nseg] = fc
+    # pieces, grouped by (segment, src buffer, dst buffer, unaligned), in piece order within
+    ps, pd, pn, pg = _pieces(S, D, N, G, region, CHUNK)
+    npc = len(ps)
+    key = np.empty(npc, np.int64)
+    for j in range(npc):
+        odd = 1 if (ps[j] | pd[j] | pn[j]) & 7 else 0
+        key[j] = ((pg[j] * nbuf + ps[j] // region) * nbuf + pd[j] // region) * 2 + odd
+    order = np.argsort(key, kind="mergesort")
+    ngroups = 0
+    for j in range(npc):
+        if j == 0 or key[order[j]] != key[order[j - 1]]:
+            ngroups += 1
+    gstart = np.empty(ngroups + 1, np.int64)
+    ginfo = np.empty((ngroups, 4), np.int64)     # segment, src buffer, dst buffer, unaligned
+    qs = np.empty(npc, np.int64)
+    qd = np.empty(npc, np.int64)
+    qn = np.empty(npc, np.int64)
+    g = -1
+    for j in range(npc):
+        o = order[j]
+        if j == 0 or key[o] != key[order[j - 1]]:
+            g += 1
+            gstart[g] = j
+            x = key[o]
+            ginfo[g, 3] = x % 2
+            x //= 2
+            ginfo[g, 2] = x % nbuf
+            x //= nbuf
+            ginfo[g, 1] = x % nbuf
+            ginfo[g, 0] = x // nbuf
+        qs[j] = ps[o] - ginfo[g, 1] * region
+        qd[j] = pd[o] - ginfo[g, 2] * region
+        qn[j] = pn[o]
+    gstart[ngroups] = npc
+    # word tables of kernel groups: n source, n destination, n word counts per group
+    tab = np.empty(3 * npc, np.int64)
+    for g in range(ngroups):
+        a, b = gstart[g], gstart[g + 1]
+        if ginfo[g, 3] == 0 and b - a > SMALL_PIECES:
+            w = b - a
+            for j in range(w):
+                tab[3 * a + j] = qs[a + j] >> 3
+                tab[3 * a + w + j] = qd[a + j] >> 3
+                tab[3 * a + 2 * w + j] = qn[a + j] >> 3
+    return folio_left, segbytes, fstart, folios[:fc], gstart, ginfo, qs, qd, qn, tab
+
+
+def _ro(a):
+    """A read-only int64 view: the compiled planner then has one signature, whatever the
+    caller's arrays (the framework's job arrays are read-only)."""
+    a = np.asarray(a, dtype=np.int64)
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
 
 
 def plan_segments(src, dst, nb, fol, nr_folios, channels, region, nbuf, first_channel):
     """(segments, folio_left) for the descriptors left to copy (at least one): segment i
     goes to channel (first_channel + i) % channels; its commands address buffers of
     ``region`` bytes (``nbuf`` of them) with buffer-relative offsets."""
-    nf = nr_folios
-    if (nb > SEG_MAX).any():     # bound a segment (and so cancel latency)
-        k = (nb + SEG_MAX - 1) // SEG_MAX
-        j = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
-        off = j * SEG_MAX
-        src = np.repeat(src, k) + off
-        dst = np.repeat(dst, k) + off
-        nb = np.minimum(np.repeat(nb, k) - off, SEG_MAX)
-        fol = np.repeat(fol, k)
-    n = len(nb)
-    cum = np.cumsum(nb)
-    total = int(cum[-1])
-    target = min(SEG_MAX, max(SEG_MIN, -(-total // (channels * DEPTH))))
-    if total <= target:
-        bounds = np.array([0, n])
-        seg_of = np.zeros(n, np.int64)
-    else:    # a descriptor starts a new segment when its first byte crosses a target multiple
-        cum -= nb
-        cum //= target
-        cuts = np.flatnonzero(cum[1:] != cum[:-1]) + 1
-        bounds = np.concatenate(([0], cuts, [n]))
-        seg_of = np.repeat(np.arange(len(bounds) - 1, dtype=np.int64), np.diff(bounds))
-    nseg = len(bounds) - 1
-    # folios per segment, and how many segments each folio waits for
-    key = seg_of * nf + fol
-    if n > 1 and (key[1:] >= key[:-1]).all():     # descriptors in folio order
-        keep = np.empty(n, bool)
-        keep[0] = True
-        np.not_equal(key[1:], key[:-1], out=keep[1:])
-        key = key[keep]
-    elif n > 1:
-        key = np.unique(key)
-    kseg, kfol = key // nf, key % nf
-    folio_left = np.bincount(kfol, minlength=nf)
-    fsplit = np.searchsorted(kseg, np.arange(nseg + 1)).tolist()
-    # pieces, grouped by (segment, src buffer, dst buffer, unaligned)
-    ps, pd, pn, pseg = plan_pieces(src, dst, nb, seg_of, region, CHUNK)
-    R = region
-    odd = ((ps | pd | pn) & 7) != 0
-    if nbuf == 1 and not odd.any():    # one buffer, all words: pieces in segment order
-        sb = db = np.zeros(len(ps), np.int64)
-        gst = np.searchsorted(pseg, np.arange(nseg))
-        gend = np.append(gst[1:], len(ps))
-        gseg = np.arange(nseg)
-    else:
-        sb, db = ps // R, pd // R
-        gkey = ((pseg * nbuf + sb) * nbuf + db) * 2 + odd
-        order = np.argsort(gkey, kind="stable")
-        gkey, ps, pd, pn, sb, db, odd = (a[order] for a in (gkey, ps, pd, pn, sb, db, odd))
-        brk = np.empty(len(gkey), bool)
-        brk[0] = True
-        np.not_equal(gkey[1:], gkey[:-1], out=brk[1:])
-        gst = np.flatnonzero(brk)
-        gend = np.append(gst[1:], len(gkey))
-        gseg = gkey[gst] // (2 * nbuf * nbuf)
-        ps = ps - sb * R
-        pd = pd - db * R
-    segbytes = np.add.reduceat(nb, bounds[:-1]).tolist()
-    segs = [_Segment(i, (first_channel + i) % channels, kfol[fsplit[i]:fsplit[i + 1]],
-                     segbytes[i]) for i in range(nseg)]
-    for g0, g1, s in zip(gst.tolist(), gend.tolist(), gseg.tolist()):
-        bs, bd = int(sb[g0]), int(db[g0])
-        if odd[g0] or g1 - g0 <= SMALL_PIECES:
-            segs[s].groups.extend(("copy", bs, bd, a, b, c) for a, b, c in
-                                  zip(ps[g0:g1].tolist(), pd[g0:g1].tolist(), pn[g0:g1].tolist()))
+    folio_left, segbytes, fstart, folios, gstart, ginfo, qs, qd, qn, tab = _plan(
+        _ro(src), _ro(dst), _ro(nb), _ro(fol), int(nr_folios), int(channels), int(region),
+        int(nbuf))
+    fstart = fstart.tolist()
+    segs = [_Segment(i, (first_channel + i) % channels, folios[fstart[i]:fstart[i + 1]], b)
+            for i, b in enumerate(segbytes.tolist())]
+    bounds = gstart.tolist()
+    for g, (s, bs, bd, odd) in enumerate(ginfo.tolist()):
+        a, b = bounds[g], bounds[g + 1]
+        if odd or b - a <= SMALL_PIECES:
+            segs[s].groups.extend(("copy", bs, bd, x, y, z) for x, y, z in
+                                  zip(qs[a:b].tolist(), qd[a:b].tolist(), qn[a:b].tolist()))
         else:
-            tab = np.concatenate((ps[g0:g1], pd[g0:g1], pn[g0:g1]))
-            tab >>= 3
-            segs[s].groups.append(("kernel", bs, bd, tab))
+            segs[s].groups.append(("kernel", bs, bd, tab[3 * a:3 * b]))
     return segs, folio_left
 
 

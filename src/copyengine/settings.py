@@ -88,8 +88,11 @@ class Settings:
         return SETTINGS[name]
 
     def __getitem__(self, name):
-        self._known(name)
-        return self._values[name]
+        try:  # the hot path (read per call): a known name is a key of _values
+            return self._values[name]
+        except (KeyError, TypeError):
+            self._known(name)
+            raise
 
     def __setitem__(self, name, value):
         spec = self._known(name)

@@ -2,6 +2,7 @@
 import errno
 
 import pytest
+from copyengine.mm.pageflags import PG_partially_mapped
 from helpers import raises_errno
 
 PS = 4096
@@ -312,3 +313,39 @@ def test_pin_bad_input(machine):
     assert m.mem_map.pincount[p.pfn_of(a)] == 0
     p.exit()
     raises_errno(errno.ESRCH, p.pin, a, PS)
+
+
+def test_write_fault_reuses_a_pmd_mapped_thp_whole(machine):
+    """6.12's do_huge_pmd_wp_page: once the child that shared a THP is gone, the first
+    write fault reuses the whole PMD (all 512 pages writable): a long-term pin taken then
+    does not make later writes copy (recorded kernel run s61_82)."""
+    m = machine
+    p = m.spawn()
+    a = p.mmap(2 * MiB, folio_size="2MiB", node=1)
+    p.write(a, b"t")
+    head = p.pfn_of(a)
+    c = p.fork()
+    c.exit()
+    pin = p.pin(a + 256 * PS, 16 * PS)          # FOLL_WRITE: the write fault reuses the PMD
+    p.write(a + PS, b"u" * (64 * PS))
+    assert all(p.pfn_of(a + i * PS) == head + i for i in range(512))
+    pin.release()
+
+
+def test_write_fault_copies_a_page_of_a_pte_mapped_large_folio(machine):
+    """6.12's wp_can_reuse_anon_folio never reuses a page of a large folio mapped by PTEs
+    (here: once shared by fork, then split by a partial munmap): the write copies that
+    page, and the folio is left mapped in part (queued for a deferred split)."""
+    m = machine
+    p = m.spawn()
+    a = p.mmap(2 * MiB, folio_size="2MiB", node=1)
+    p.write(a, b"t")
+    head = p.pfn_of(a)
+    c = p.fork()
+    c.exit()
+    p.munmap(a + 511 * PS, PS)                  # the PMD is split: PTE-mapped from now on
+    p.write(a + 5 * PS, b"u")
+    assert p.pfn_of(a + 5 * PS) != head + 5 and p.node_of(a + 5 * PS) == 1
+    assert p.pfn_of(a + 6 * PS) == head + 6
+    assert m.mem_map.flags[head] & PG_partially_mapped
+    assert p.read(a + 5 * PS, 2) == b"u\x00" and p.read(a, 1) == b"t"

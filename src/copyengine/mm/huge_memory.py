@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .pageflags import PG_anon, PG_head, PG_isolated, PG_nonzero, PG_partially_mapped
-from .pte import PTE_PRESENT, mk_pte, pte_pfn
+from .pte import PTE_PRESENT, PTE_WRITE, mk_pte, pte_pfn
 
 
 def release_folios(m, heads):
@@ -99,3 +99,57 @@ def _map_unused_to_zeropage(m, pages):
             vma.ptes[slot[hit]] = mk_pte(np.full(int(hit.sum()), m.zero_pfn), PTE_PRESENT)
             mm.mapcount[page[hit]] -= 1   # one PTE per page per VMA: no duplicates
             mm.refcount[page[hit]] -= 1
+
+
+def _pmd_mapped_range(m, vma, slot, pfn):
+    """The slots of ``vma`` through which a PMD maps the THP holding ``pfn`` (at ``slot``),
+    or None: its order is the PMD's, its head sits on a 2 MiB boundary inside the VMA,
+    and every PTE there maps its pages in order (how a PMD mapping looks in a page table
+    of PTEs; a split PMD, partly unmapped or copied on write, no longer does)."""
+    mm = m.mem_map
+    h = int(mm.head[pfn])
+    o = 21 - m.page_shift
+    if o <= 0 or int(mm.order[h]) != o:
+        return None
+    nr = 1 << o
+    first = slot - (pfn - h)
+    if first < 0 or first + nr > vma.npages or ((vma.start >> m.page_shift) + first) % nr:
+        return None
+    ptes = vma.ptes[first:first + nr]
+    if not (ptes & PTE_PRESENT).all() or not (pte_pfn(ptes) == h + np.arange(nr)).all():
+        return None
+    return first, first + nr
+
+
+def wp_anon_reuse(m, vma, idx, old, excl):
+    """Which write faults on read-only PTEs of private anonymous pages reuse the page
+    (make the PTE writable) and which copy it, as 6.12's do_wp_page and
+    do_huge_pmd_wp_page decide. ``idx``: the faulting slots of ``vma``; ``old``: the pages
+    they map; ``excl``: per entry, the page's folio is mapped once, by this mapping, with
+    no other reference (wp_can_reuse_anon_folio's refcount test). Returns (the slots to
+    make writable, a mask of the entries to copy):
+
+    - a base page is reused when exclusive;
+    - a PMD-mapped THP that is exclusive is reused whole: every PTE of its PMD becomes
+      writable, not only the faulting ones; otherwise the PMD is split and the faulting
+      page copied;
+    - any other large folio (mapped by PTEs) is never reused: 6.12's
+      wp_can_reuse_anon_folio refuses large folios, and a read-only PTE here is not
+      AnonExclusive; the faulting page is copied (and its folio may become partly
+      mapped)."""
+    mm = m.mem_map
+    large = mm.order[mm.head[old]] > 0
+    if not (excl & large).any():
+        return idx[excl], ~excl
+    reuse = [idx[excl & ~large]]
+    cow = ~excl
+    done = set()
+    for k in np.flatnonzero(excl & large).tolist():
+        rng = _pmd_mapped_range(m, vma, int(idx[k]), int(old[k]))
+        if rng is None:
+            cow[k] = True
+        elif rng not in done:
+            done.add(rng)
+            slots = np.arange(*rng)
+            reuse.append(slots[(vma.ptes[slots] & PTE_WRITE) == 0])
+    return np.concatenate(reuse), cow

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import EHWPOISON, oserror
 from .pageflags import PG_anon, PG_hwpoison, PG_locked, PG_nonzero, PG_swapbacked
-from .huge_memory import release_folios
+from .huge_memory import release_folios, wp_anon_reuse
 from .pmd import fault_around, huge_zero, map_cached_pmds, split_shmem_pmds
 from .pte import PTE_MIGRATION, PTE_PRESENT, PTE_WRITE, mk_pte, pte_pfn
 from .vma import AnonVma, Shmem, Vma
@@ -366,8 +366,9 @@ class Process:
                     uh = np.unique(heads[excl])
                     ok = {int(h) for h in uh.tolist() if self._folio_exclusive(int(h))}
                     excl &= np.fromiter((int(h) in ok for h in heads.tolist()), bool, len(heads))
-                plan["reuse"] = idx[excl]
-                plan["cow"] = (idx[~excl], old[~excl])
+                reuse, cow = wp_anon_reuse(m, vma, idx, old, excl)
+                plan["reuse"] = reuse
+                plan["cow"] = (idx[cow], old[cow])
         seg.plan = plan
         return plan
 

@@ -92,6 +92,11 @@ def test_check_engine_runs_the_new_check_with_its_knob():
                      force_path=_force, only=["small_large_paths"], shrink=False)
 
 
+def test_force_path_must_be_callable():
+    with pytest.raises(TypeError, match="force_path must be a callable"):
+        check_engine(lambda m: TwoPaths(), force_path="small", only=["small_large_paths"])
+
+
 def test_padded_job_keeps_the_layout_and_adds_clean_filler():
     s = np.array([PAGE, 3 * PAGE], np.int64)
     d = np.array([NODE_SIZE, NODE_SIZE + 8 * PAGE], np.int64)

@@ -132,6 +132,9 @@ def compare_paths(m, engine, layout, seed, opts, pad_first=False):
 
 def check_paths(opts):
     """Random layouts as small and as large jobs give identical statuses and bytes."""
+    if opts.force_path is not None and not callable(opts.force_path):
+        raise TypeError(f"force_path must be a callable(engine, 'small' | 'large') or None, "
+                        f"not {type(opts.force_path).__name__}")
     with engine_env(opts, node_size=NODE) as (m, engine):
         @_hyp(opts, layouts(granule=opts.granule, max_folios=MAX_FOLIOS),
               st.integers(0, 2 ** 32 - 1), st.booleans())

@@ -196,3 +196,36 @@ def test_lanes_of_several_threads_are_told_apart():
                      "mt worker 0 (thread 1)", "mt worker 0 (thread 2)"]
     x = [e for e in doc["traceEvents"] if e["ph"] == "X"]
     assert [e["dur"] for e in x] == pytest.approx([1e3, 2e3]) and x[0]["tid"] != x[1]["tid"]
+
+
+class BadSpans:
+    """A third-party engine that copies right but reports a span with its ends swapped."""
+
+    @ce.hookimpl
+    def copyengine_register_engines(self, register):
+        from copyengine.engines.base import folio_mc_copy
+        from copyengine.engines.serial import SerialEngine
+
+        class Swapped(SerialEngine):
+            def copy(self, job):
+                if job.spans is not None:
+                    job.spans.append(("lane", 2.0, 1.0, 1))
+                return folio_mc_copy(job, np.arange(job.nr_folios))
+        register("swapped", lambda arg, machine: Swapped(), "copies, reports a bad span")
+
+
+def test_an_engine_with_a_bad_span_is_an_engine_error_and_nothing_is_lost():
+    """The span is refused (none of the job's kept); the framework takes it for a broken
+    engine: its batch is copied again on the CPU, every byte arrives."""
+    pm = make_plugin_manager(entry_points=False, plugins=[BadSpans(), Watcher()])
+    with ce.Machine(nodes=2, node_size="16MiB", plugin_manager=pm) as m:
+        m.set_engine("swapped")
+        p = m.spawn()
+        a = p.mmap(8 * PS)
+        p.write(a, bytes(range(256)) * 8 * 16)
+        with trace.record(m) as rec:
+            assert p.move_pages(0, [a + i * PS for i in range(8)], [1] * 8).ret == 0
+        assert rec.spans == [] and m.vmstat["copy_engine_errors"] == 1
+        assert p.read(a, 8 * PS) == bytes(range(256)) * 8 * 16
+        assert p.move_pages(0, [a + i * PS for i in range(8)], [0] * 8).ret == 0   # no recorder: no span
+        assert m.vmstat["copy_engine_errors"] == 1

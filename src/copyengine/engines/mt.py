@@ -8,7 +8,7 @@ calling thread too. With **fewer folios than threads**, folios are cut into
 cache-line-aligned chunks so that every thread can work (a chunk may end in one folio and
 go on in the next); with **at least as many**, a chunk is a contiguous block of whole
 folios of at least the chunk size, so mixed sizes are shared by bytes, not by count. The
-chunk size is about ``1/(16 N)`` of the batch (:data:`MIN_CHUNK` .. :data:`MAX_CHUNK`), so
+chunk size is about ``1/(16 N)`` of the batch (:data:`MIN_CHUNK` .. :data:`MAX_CHUNK`, in :mod:`.mt_plan`), so
 a late thread still finds work; a batch under :data:`SOLO_BYTES`, or ``mt:1``, is copied
 by the caller alone. :func:`plan` shows the chunks.
 
@@ -38,6 +38,11 @@ chunk edges) are kept per calling thread and grown only when a larger batch arri
 **Machine-check safety.** mc-safe: the source of a folio marked ``src_poisoned`` is never
 read (its bytes are left out of the plan) and it is reported ``-EHWPOISON``; every other
 folio 0. The kernels use ``cache=True``: only the first process ever compiles them.
+
+**Timeline.** When a job carries a span list (a trace recorder is attached), each chunk's
+thread stamps its CLOCK_MONOTONIC start and end (libc's vDSO ``clock_gettime``, the clock
+of ``time.perf_counter`` on Linux) in compiled code, and the job gets one span per thread
+that copied ("mt worker 0" is the caller); otherwise the stamps cost a branch per chunk.
 """
 from __future__ import annotations
 
@@ -56,8 +61,12 @@ from ..hookspecs import hookimpl
 from .base import Capabilities, Engine
 from .memops import (NT_BYTES, address, atomic_add, atomic_cas, atomic_load, atomic_store,
                      syscall5, voidptr)
-from .mt_plan import (CHUNKS_PER_THREAD, MAX_CHUNK, MIN_CHUNK, SOLO_BYTES, STAMP,  # noqa: F401
-                      _copy_span, _find, _plan, chunk_spans, plan)
+from .mt_plan import (CHUNKS_PER_THREAD, MAX_CHUNK, MIN_CHUNK, SOLO_BYTES, STAMP, _copy_span, _plan,
+                      chunk_spans, plan)
+
+#: the planning half lives in mt_plan; these names stay importable from here
+__all__ = ["MtEngine", "plan", "max_threads", "check_threads", "parse_threads", "cpu_count",
+           "CHUNKS_PER_THREAD", "MIN_CHUNK", "MAX_CHUNK", "SOLO_BYTES"]
 
 IDLE_EXIT = 5.0          # seconds a worker sleeps without a batch before it exits
 WAIT_LIMIT = 30.0        # seconds a caller waits for chunks claimed by running workers

@@ -136,3 +136,23 @@ def test_malformed_job_is_valueerror(bad):
         f = np.array([0, -1], np.int64)
     with pytest.raises(ValueError, match="opencl: "):
         ocl.plan_job(CopyJob(None, s, d, n, f, p), 1 << 20, 1 << 30, 2)
+
+
+def test_plan_pieces_coalesces_then_cuts_at_chunks_and_buffer_edges():
+    """Two contiguous descriptors of one segment become one run, cut at source chunk
+    multiples; a piece crossing a destination buffer edge is split, its tail last; a
+    third contiguous descriptor in another segment is not merged."""
+    C, R = ocl.CHUNK, 4 * ocl.CHUNK
+    src = np.array([C - 8, C + 100, 3 * C], np.int64)
+    dst = np.array([R - 16, R - 16 + 108, 5 * R], np.int64)
+    nb = np.array([108, C, 8], np.int64)
+    seg = np.array([0, 0, 1], np.int64)
+    ps, pd, pn, pg = ocl.plan_pieces(src, dst, nb, seg, R, C)
+    got = list(zip(ps.tolist(), pd.tolist(), pn.tolist(), pg.tolist()))
+    assert got == [
+        (C - 8, R - 16, 8, 0),            # up to the source chunk edge
+        (C, R - 8, 8, 0),                 # head up to the destination buffer edge ...
+        (2 * C, R - 16 + C + 8, 100, 0),  # ... the rest of the run from the next chunk
+        (3 * C, 5 * R, 8, 1),             # another segment: never merged
+        (C + 8, R, C - 8, 0),             # the tail past the buffer edge comes last
+    ]

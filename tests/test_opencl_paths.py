@@ -183,3 +183,21 @@ def test_spans_of_a_poisoned_folio_count_only_copied_folios(m, device):
         _check_spans(job.spans, c, r)
     finally:
         e.close()
+
+
+def test_trace_recorder_gets_opencl_lanes(device):
+    """Through the framework: a recorder attached, a 16 MiB batch of THPs goes to opencl
+    (above its min_bytes) and the recorder holds one lane per channel used."""
+    from copyengine import trace
+    with ce.Machine(nodes=2, node_size="48MiB", engine="opencl:2") as mach:
+        mach.settings["nr_max_batched_migration"] = 4096        # one 16 MiB batch
+        p = mach.spawn()
+        a = p.mmap(16 * MiB, node=0, folio_size=2 * MiB)
+        data = np.random.default_rng(3).integers(0, 256, 16 * MiB, dtype=np.uint8).tobytes()
+        p.write(a, data)
+        with trace.record(mach) as rec:
+            r = p.move_pages(0, [a + i * 2 * MiB for i in range(8)], [1] * 8)
+        assert r.status == [1] * 8 and p.read(a, 16 * MiB) == data
+        ours = [s for s in rec.spans if s[1].startswith("opencl channel")]
+        assert {s[1] for s in ours} == {"opencl channel 0", "opencl channel 1"}
+        assert sum(s[4] for s in ours) == 8

@@ -6,12 +6,15 @@ import numbers
 import resource
 import threading
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 
 from .errors import EngineUnavailable, MachineClosedError, PluginError, oserror
 from .hookcheck import check_frames, hook_plugins, plugin_label, reclaimable_frames
+from .migrate.mempolicy import do_mbind
 from .migrate.quarantine import release_quarantine
+from .migrate.syscalls import migrate_pages, move_pages
 from .mm.buddy import BuddyAllocator
 from .mm.folio_ops import free_folios
 from .mm.memmap import MemMap
@@ -147,6 +150,9 @@ class Machine:
         self.pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
         self.objects = {}         # owner id -> AnonVma / Shmem (rmap roots)
         self.processes = {}       # pid -> Process
+        # the syscall layer (migrate/) wired in from above, so that Process's move_pages,
+        # migrate_pages and mbind reach it without mm/ importing migrate/
+        self.syscalls = SimpleNamespace(move_pages=move_pages, migrate_pages=migrate_pages, mbind=do_mbind)
         self._next_pid = 1
         self._vmstat = Counter({k: 0 for k in VMSTAT_COUNTERS})
         self.settings = Settings(self)

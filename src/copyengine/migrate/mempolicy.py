@@ -25,6 +25,7 @@ from ..mm.pageflags import OWNER_QUARANTINE, PG_allocated, PG_head, PG_isolated
 from ..mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
 from ..uapi import (MPOL_BIND, MPOL_DEFAULT, MPOL_INTERLEAVE, MPOL_LOCAL, MPOL_MF_MOVE, MPOL_MF_MOVE_ALL,
                     MPOL_MF_STRICT, MPOL_PREFERRED, MR_DEMOTION, MR_MEMORY_HOTPLUG, MR_MEMPOLICY_MBIND)
+from ..mm.mempolicy_alloc import _alloc_pages, policy_alloc_plan  # noqa: F401  (their old home)
 from .accounting import SPLIT
 from .core import MIGRATE_ASYNC, MIGRATE_SYNC, folio_isolate_lru, migrate_pages as migrate_folios
 
@@ -65,65 +66,6 @@ def _int(v, what):
 
 
 # --------------------------------------------------------------------------- faults
-def policy_alloc_plan(m, seg, got):
-    """_alloc_plans for a VMA with a policy (alloc_pages_mpol): the folios a fault plans
-    come from the policy's node(s). A large folio is tried on its first node only and
-    otherwise falls back to base pages (the mTHP fault path); base pages fall back node
-    by node as the policy allows, ENOMEM when none has room. Everything allocated is
-    appended to ``got`` (the caller frees it all if this raises)."""
-    vma, p = seg.vma, seg.plan
-    pol = vma.policy
-    p["heads"], planned, p["new"] = [], p["new"], []
-    for order, idx in planned:
-        if order:
-            nr = 1 << order
-            firsts = idx[::nr]
-            first = pol.candidates(m, (vma.pgoff + firsts) >> order)[0]
-            ok = np.zeros(len(firsts), bool)
-            for node in np.unique(first).tolist():
-                sel = np.flatnonzero(first == node)
-                heads = m.alloc_folios_upto(node, order, len(sel))
-                got.append(heads)
-                if len(heads):
-                    sel = sel[:len(heads)]
-                    ok[sel] = True
-                    p["new"].append((order, (firsts[sel][:, None] + np.arange(nr)[None, :]).ravel()))
-                    p["heads"].append(heads)
-            idx = idx[~np.repeat(ok, nr)]
-            idx = idx[(idx >= seg.i0) & (idx < seg.i1)]
-            if not len(idx):
-                continue
-        p["new"].append((0, idx))
-        p["heads"].append(_alloc_pages(m, pol, vma.pgoff + idx, got))
-    cow = p["cow"]
-    p["cow_heads"] = None
-    if cow is not None and len(cow[0]):
-        p["cow_heads"] = _alloc_pages(m, pol, vma.pgoff + cow[0], got)
-
-
-def _alloc_pages(m, pol, ilx, got):
-    """One base page per interleave index, on the first candidate node with room; the
-    heads come back in the order of ``ilx``."""
-    heads = np.full(len(ilx), -1, np.int64)
-    cand = pol.candidates(m, ilx)
-    pending = np.arange(len(ilx))
-    for k in range(cand.shape[0]):
-        if not len(pending):
-            break
-        nodes = cand[k, pending]
-        short = []
-        for node in np.unique(nodes).tolist():
-            sel = pending[nodes == node]
-            h = m.alloc_folios_upto(node, 0, len(sel))
-            got.append(h)
-            heads[sel[:len(h)]] = h
-            short.append(sel[len(h):])
-        pending = np.concatenate(short)
-    if len(pending):
-        raise oserror(errno.ENOMEM, f"no node the policy {pol} allows has {len(pending)} free page(s)")
-    return heads
-
-
 # --------------------------------------------------------------------------- migration
 def migrate_with_fallback(m, heads, choose, mode, reason):
     """Migrate folios to the node ``choose(heads, k)`` names for attempt k (-1: none
@@ -222,17 +164,17 @@ def do_mbind(p, addr, length, mode, nodes, flags=0) -> None:
         raise oserror(errno.EINVAL, f"length {length} is negative")
     end = addr + (-(-length // m.page_size) * m.page_size)
     with m.lock:
-        p._enter()
+        p.enter()
         if mode == MPOL_DEFAULT:
             flags &= ~MPOL_MF_STRICT
         if end == addr:
             return
         pol = _new_policy(p, mode, ids)
-        p._span(addr, end - addr)  # EFAULT for a hole, before anything changes
+        p.span(addr, end - addr)  # EFAULT for a hole, before anything changes
         # No migration entry in the VMAs to split: a batch in flight holds them.
-        p._wait_migration(lambda: [_seg(p, v) for v in p._overlapping(addr, end)])
+        p.wait_for_migration(lambda: [_seg(p, v) for v in p.find_vmas(addr, end)])
         queued, failed = _queue_pages(p, addr, end, pol, flags)
-        for vma in list(p._overlapping(addr, end)):
+        for vma in list(p.find_vmas(addr, end)):
             mbind_range(p, vma, addr, end, pol)
         merge_vmas(p, addr - m.page_size, end + m.page_size)
         if queued:
@@ -278,7 +220,7 @@ def _queue_pages(p, start, end, pol, flags):
     move = flags & (MPOL_MF_MOVE | MPOL_MF_MOVE_ALL)
     queued, seen, failed = [], set(), 0
     from .syscalls import folio_mapped_shared
-    for vma in p._overlapping(start, end):
+    for vma in p.find_vmas(start, end):
         i0 = (max(start, vma.start) - vma.start) >> shift
         i1 = (min(end, vma.end) - vma.start) >> shift
         ptes = vma.ptes[i0:i1]
@@ -332,7 +274,7 @@ def merge_vmas(p, start, end):
     the same node, folio order, anon_vma state and policy become one (their page-table
     slices joined)."""
     from ..mm.vma import Vma
-    vmas = p._overlapping(start, end)
+    vmas = p.find_vmas(start, end)
     i = 0
     while i + 1 < len(vmas):
         a, b = vmas[i], vmas[i + 1]

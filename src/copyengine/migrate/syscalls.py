@@ -155,7 +155,7 @@ def move_pages(caller, pid, pages, nodes=None, flags=MPOL_MF_MOVE) -> MovePagesR
     if flags & MPOL_MF_MOVE_ALL and not caller.cap_sys_nice:
         raise oserror(errno.EPERM, "MPOL_MF_MOVE_ALL needs cap_sys_nice")
     with m.lock:
-        caller._enter()
+        caller.enter()
         target = find_mm_struct(caller, pid)
         addrs = addrs & ~np.int64(m.page_size - 1)
         if nodes_arr is None:
@@ -166,7 +166,7 @@ def move_pages(caller, pid, pages, nodes=None, flags=MPOL_MF_MOVE) -> MovePagesR
 def do_pages_stat(target, addrs) -> list:
     """Query mode: the node of each page, -ENOENT never touched, -EFAULT unmapped or the
     zero page. Pages under migration are waited for (bounded)."""
-    from ..mm.process import _Seg
+    from ..mm.process import VmaRange
     m = target.machine
     if len(addrs):
         fast = query_fast(target, addrs)
@@ -179,10 +179,10 @@ def do_pages_stat(target, addrs) -> list:
             vma = target.find_vma(a)
             if vma is not None:
                 i = (a - vma.start) >> m.page_shift
-                segs.append(_Seg(vma, i, i + 1))
+                segs.append(VmaRange(vma, i, i + 1))
         return segs
 
-    target._wait_migration(resolve)
+    target.wait_for_migration(resolve)
     code, _, _ = lookup_pages(target, addrs, None, False)
     return code.tolist()
 
@@ -348,7 +348,7 @@ def migrate_pages(caller, pid, old_nodes, new_nodes) -> int:
     old, _ = _node_mask(m, old_nodes, "old_nodes")
     new, absent = _node_mask(m, new_nodes, "new_nodes")
     with m.lock:
-        caller._enter()
+        caller.enter()
         target = find_mm_struct(caller, pid)
         if new & m.offline_nodes:  # a node without memory has left every cpuset (cpuset_hotplug)
             absent, new = True, new - m.offline_nodes

@@ -17,13 +17,14 @@ import numpy as np
 from ..errors import EHWPOISON, oserror
 from .pageflags import PG_anon, PG_hwpoison, PG_locked, PG_nonzero, PG_swapbacked
 from .huge_memory import release_folios, wp_anon_reuse
+from .mempolicy_alloc import policy_alloc_plan
 from .pmd import fault_around, huge_zero, map_cached_pmds, split_shmem_pmds
 from .pte import PTE_MIGRATION, PTE_PRESENT, PTE_WRITE, mk_pte, pte_pfn
 from .vma import AnonVma, Shmem, Vma
 
 MMAP_BASE = 1 << 40
 ADDRESS_LIMIT = 1 << 47
-MPOL_MF_STRICT, MPOL_MF_MOVE, MPOL_MF_MOVE_ALL = 1, 2, 4
+from ..uapi import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL, MPOL_MF_STRICT  # noqa: F401  (re-exported: tests import them here)
 
 
 def _check_int(value, what):
@@ -73,12 +74,17 @@ class Pin:
             self.release()
 
 
-class _Seg:
-    """One VMA's share of an access: pages [i0, i1) of ``vma``."""
+class VmaRange:
+    """One VMA's share of an access or a page walk: pages [i0, i1) of ``vma`` (the
+    public unit of :meth:`Process.span` / :meth:`Process.wait_for_migration`; ``plan`` is
+    the fault path's scratch slot)."""
     __slots__ = ("vma", "i0", "i1", "plan")
 
     def __init__(self, vma, i0, i1):
         self.vma, self.i0, self.i1, self.plan = vma, i0, i1, None
+
+
+_Seg = VmaRange  # the old private name, still used inside mm/
 
 
 class Process:
@@ -99,7 +105,9 @@ class Process:
         return f"<Process pid={self.pid} uid={self.uid} vmas={len(self.vmas)}{'' if self.alive else ' exited'}>"
 
     # ------------------------------------------------------------------ helpers
-    def _enter(self):
+    def enter(self):
+        """The check every syscall on this mm starts with: the machine is open (else
+        MachineClosedError) and the process alive (else ESRCH)."""
         self.machine.check_open()
         if not self.alive:
             raise oserror(errno.ESRCH, f"process {self.pid} has exited")
@@ -121,7 +129,7 @@ class Process:
             return self.vmas[i]
         return None
 
-    def _span(self, addr: int, length: int) -> list[_Seg]:
+    def span(self, addr: int, length: int) -> list[VmaRange]:
         """The VMAs covering [addr, addr+length) without a hole, or EFAULT."""
         shift = self.machine.page_shift
         end = addr + length
@@ -131,11 +139,13 @@ class Process:
             if vma is None:
                 raise oserror(errno.EFAULT, f"address {cur:#x} is not mapped in process {self.pid}")
             stop = min(end, vma.end)
-            segs.append(_Seg(vma, (cur - vma.start) >> shift, ((stop - 1 - vma.start) >> shift) + 1))
+            segs.append(VmaRange(vma, (cur - vma.start) >> shift, ((stop - 1 - vma.start) >> shift) + 1))
             cur = vma.end
         return segs
 
-    def _overlapping(self, start: int, end: int):
+    def find_vmas(self, start: int, end: int) -> list[Vma]:
+        """The VMAs overlapping [start, end), in address order (find_vma_intersection
+        walked over a range, mm/mmap.c)."""
         i = max(bisect.bisect(self._starts, start) - 1, 0)
         out = []
         while i < len(self.vmas) and self.vmas[i].start < end:
@@ -144,7 +154,7 @@ class Process:
             i += 1
         return out
 
-    def _wait_migration(self, resolve):
+    def wait_for_migration(self, resolve):
         """Run ``resolve()`` (-> segments) until none of its PTEs is a migration entry,
         waiting for migrations to finish (bounded by the setting migration_wait_timeout)."""
         m = self.machine
@@ -160,6 +170,12 @@ class Process:
                 raise oserror(errno.ETIMEDOUT, "waited too long on a migration entry")
             m.cond.wait(deadline - now)
             self._enter()
+
+    # the private names mm/ (and modules not yet moved to the public ones) still use
+    _enter = enter
+    _span = span
+    _overlapping = find_vmas
+    _wait_migration = wait_for_migration
 
     def _under_migration(self, seg) -> bool:
         """A migration entry in the range, or (shared memory) a page-cache folio that is
@@ -178,7 +194,7 @@ class Process:
         return bool(len(cached)) and bool((mm.flags[mm.head[cached]] & PG_locked).any())
 
     def _all_segs(self):
-        return [_Seg(v, 0, v.npages) for v in self.vmas]
+        return [VmaRange(v, 0, v.npages) for v in self.vmas]
 
     # ------------------------------------------------------------------ mmap / munmap
     def mmap(self, length, node=0, shared=False, folio_size=None, populate=True) -> int:
@@ -261,7 +277,7 @@ class Process:
         shift = self.machine.page_shift
 
         def resolve():
-            return [_Seg(v, (max(start, v.start) - v.start) >> shift, (min(end, v.end) - v.start) >> shift)
+            return [VmaRange(v, (max(start, v.start) - v.start) >> shift, (min(end, v.end) - v.start) >> shift)
                     for v in self._overlapping(start, end)]
 
         # zap_pte_range does not wait on a migration entry: it drops it, and the migration
@@ -416,7 +432,6 @@ class Process:
         try:
             for s in segs:
                 if s.vma.policy is not None:  # an mbind(2) policy picks the node(s)
-                    from ..migrate.mempolicy import policy_alloc_plan
                     policy_alloc_plan(m, s, got)
                     continue
                 p = s.plan
@@ -613,7 +628,7 @@ class Process:
                 if vma is None:
                     raise oserror(errno.EFAULT, f"address {addr:#x} is not mapped")
                 i = (addr - vma.start) >> m.page_shift
-                return [_Seg(vma, i, i + 1)]
+                return [VmaRange(vma, i, i + 1)]
 
             s = self._wait_migration(resolve)[0]
             pte = s.vma.ptes[s.i0]
@@ -738,17 +753,15 @@ class Process:
 
     # ------------------------------------------------------------------ syscalls
     def move_pages(self, pid, pages, nodes=None, flags=MPOL_MF_MOVE):
-        """move_pages(2): see :func:`copyengine.migrate.syscalls.move_pages`."""
-        from ..migrate.syscalls import move_pages
-        return move_pages(self, pid, pages, nodes, flags)
+        """move_pages(2): see :func:`copyengine.migrate.syscalls.move_pages`. The machine
+        wires the syscall layer in (mm/ does not import migrate/)."""
+        return self.machine.syscalls.move_pages(self, pid, pages, nodes, flags)
 
     def migrate_pages(self, pid, old_nodes, new_nodes) -> int:
         """migrate_pages(2): see :func:`copyengine.migrate.syscalls.migrate_pages`."""
-        from ..migrate.syscalls import migrate_pages
-        return migrate_pages(self, pid, old_nodes, new_nodes)
+        return self.machine.syscalls.migrate_pages(self, pid, old_nodes, new_nodes)
 
     def mbind(self, addr, length, mode, nodes=(), flags=0) -> None:
         """mbind(2) on this process: see :func:`copyengine.migrate.mempolicy.do_mbind`."""
-        from ..migrate.mempolicy import do_mbind
-        do_mbind(self, addr, length, mode, nodes, flags)
+        self.machine.syscalls.mbind(self, addr, length, mode, nodes, flags)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +27,27 @@ def pfn_runs(pfns: np.ndarray):
     starts = np.concatenate(([0], brk))
     lens = np.diff(np.concatenate((starts, [len(pfns)])))
     return list(zip(starts.tolist(), pfns[starts].tolist(), lens.tolist()))
+
+
+@dataclass
+class FaultPlan:
+    """What faulting one :class:`~.mmap.VmaRange` needs, worked out before anything
+    changes (the all-or-nothing fault: plan, allocate, commit)."""
+    #: (order, page indices) to fill with new folios, order 0 first-fit when large fails
+    new: list = field(default_factory=list)
+    #: the allocated heads, one array per entry of ``new``
+    heads: list = field(default_factory=list)
+    #: page indices to map the zero page at (a read fault of private anonymous memory)
+    zero: np.ndarray | None = None
+    #: (page indices, pfns) of page-cache pages to map (shared memory)
+    map_cached: tuple | None = None
+    #: page indices whose read-only PTE is made writable in place (do_wp_page reuse)
+    reuse: np.ndarray | None = None
+    #: (page indices, old pfns) to copy on write, and the new heads for them
+    cow: tuple | None = None
+    cow_heads: np.ndarray | None = None
+    #: a huge zero page was mapped for this range (counted as an anon_vma user)
+    huge_zero: bool = False
 
 
 class MemoryOps:
@@ -107,8 +129,7 @@ class MemoryOps:
         if len(cur) and (mm.flags[cur] & PG_hwpoison).any():
             bad = cur[(mm.flags[cur] & PG_hwpoison) != 0][0]
             raise oserror(EHWPOISON, f"frame {bad} is poisoned")
-        plan = {"new": [], "zero": None, "map_cached": None, "reuse": None, "cow": None,
-                "huge_zero": False}
+        plan = FaultPlan()
         none_idx = np.nonzero(~present)[0] + seg.i0
         if len(none_idx):
             if vma.shared:
@@ -119,17 +140,17 @@ class MemoryOps:
                     cp = cached[have]
                     if (mm.flags[cp] & PG_hwpoison).any():
                         raise oserror(EHWPOISON, "a page of the shared object is poisoned")
-                    plan["map_cached"] = (none_idx[have], cp)
+                    plan.map_cached = (none_idx[have], cp)
                     map_cached_pmds(self, seg, plan)
                 if not write:
                     fault_around(self, seg, none_idx, plan)
                 holes = none_idx[~have]
                 if len(holes):
-                    plan["new"] = self._plan_new(vma, holes, cache=vma.obj.cache)
+                    plan.new = self._plan_new(vma, holes, cache=vma.obj.cache)
             elif write:
-                plan["new"] = self._plan_new(vma, none_idx, cache=None)
+                plan.new = self._plan_new(vma, none_idx, cache=None)
             else:
-                plan["zero"] = huge_zero(self, vma, none_idx, plan)
+                plan.zero = huge_zero(self, vma, none_idx, plan)
         if write and not vma.shared:
             ro = present & ((ptes & PTE_WRITE) == 0)
             if ro.any():
@@ -143,8 +164,8 @@ class MemoryOps:
                     ok = {int(h) for h in uh.tolist() if self._folio_exclusive(int(h))}
                     excl &= np.fromiter((int(h) in ok for h in heads.tolist()), bool, len(heads))
                 reuse, cow = wp_anon_reuse(m, vma, idx, old, excl)
-                plan["reuse"] = reuse
-                plan["cow"] = (idx[cow], old[cow])
+                plan.reuse = reuse
+                plan.cow = (idx[cow], old[cow])
         seg.plan = plan
         return plan
 
@@ -195,7 +216,7 @@ class MemoryOps:
                     policy_alloc_plan(m, s, got)
                     continue
                 p = s.plan
-                p["heads"], planned, p["new"] = [], p["new"], []
+                p.heads, planned, p.new = [], p.new, []
                 for order, idx in planned:
                     if order:
                         # A large folio the node cannot supply falls back to base pages,
@@ -203,8 +224,8 @@ class MemoryOps:
                         heads = m.alloc_folios_upto(s.vma.node, order, len(idx) >> order)
                         got.append(heads)
                         if len(heads):
-                            p["new"].append((order, idx[:len(heads) << order]))
-                            p["heads"].append(heads)
+                            p.new.append((order, idx[:len(heads) << order]))
+                            p.heads.append(heads)
                         # Only the pages this access touches fall back (alloc_anon_folio
                         # maps one order-0 page for the faulting address), not the
                         # whole aligned range the large folio would have covered.
@@ -214,14 +235,14 @@ class MemoryOps:
                             continue
                     heads = m.alloc_folios(s.vma.node, 0, len(idx))
                     got.append(heads)
-                    p["new"].append((0, idx))
-                    p["heads"].append(heads)
-                cow = p["cow"]
-                p["cow_heads"] = None
+                    p.new.append((0, idx))
+                    p.heads.append(heads)
+                cow = p.cow
+                p.cow_heads = None
                 if cow is not None and len(cow[0]):
                     heads = m.alloc_folios(s.vma.node, 0, len(cow[0]))
                     got.append(heads)
-                    p["cow_heads"] = heads
+                    p.cow_heads = heads
         except OSError:
             for heads in got:
                 m.free_folios(heads, undo=True)
@@ -236,9 +257,9 @@ class MemoryOps:
         shift = m.page_shift
         ps = m.page_size
         fresh = []
-        if not obj.shared and (p["new"] or p["huge_zero"] or p.get("cow_heads") is not None):
+        if not obj.shared and (p.new or p.huge_zero or p.cow_heads is not None):
             vma.anon_vma = True  # anon_vma_prepare
-        for (order, idx), heads in zip(p["new"], p["heads"]):
+        for (order, idx), heads in zip(p.new, p.heads):
             nr = 1 << order
             pfns = (heads[:, None] + np.arange(nr)[None, :]).ravel() if nr > 1 else heads
             mm.owner[pfns] = obj.id
@@ -254,21 +275,21 @@ class MemoryOps:
             vma.ptes[idx] = mk_pte(pfns, PTE_PRESENT | PTE_WRITE)
             fresh.append((idx, pfns))
             m.count("pgfault", len(heads))  # one fault maps a whole new folio
-        if p["map_cached"] is not None:
-            idx, pfns = p["map_cached"]
+        if p.map_cached is not None:
+            idx, pfns = p.map_cached
             mm.mapcount[pfns] += 1
             np.add.at(mm.refcount, mm.head[pfns], 1)
             vma.ptes[idx] = mk_pte(pfns, PTE_PRESENT | PTE_WRITE)
             m.count("pgfault", len(idx))
-        if p["zero"] is not None:
-            vma.ptes[p["zero"]] = mk_pte(np.full(len(p["zero"]), m.zero_pfn), PTE_PRESENT)
-            m.count("pgfault", len(p["zero"]))
-        if p["reuse"] is not None and len(p["reuse"]):
-            vma.ptes[p["reuse"]] |= PTE_WRITE
-            m.count("pgfault", len(p["reuse"]))
-        if p.get("cow_heads") is not None:
-            idx, old = p["cow"]
-            new = p["cow_heads"]
+        if p.zero is not None:
+            vma.ptes[p.zero] = mk_pte(np.full(len(p.zero), m.zero_pfn), PTE_PRESENT)
+            m.count("pgfault", len(p.zero))
+        if p.reuse is not None and len(p.reuse):
+            vma.ptes[p.reuse] |= PTE_WRITE
+            m.count("pgfault", len(p.reuse))
+        if p.cow_heads is not None:
+            idx, old = p.cow
+            new = p.cow_heads
             mem = m.mem
             for o, n in zip(old.tolist(), new.tolist()):
                 if o == m.zero_pfn:

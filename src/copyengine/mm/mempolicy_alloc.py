@@ -20,7 +20,7 @@ def policy_alloc_plan(m, seg, got):
     appended to ``got`` (the caller frees it all if this raises)."""
     vma, p = seg.vma, seg.plan
     pol = vma.policy
-    p["heads"], planned, p["new"] = [], p["new"], []
+    p.heads, planned, p.new = [], p.new, []
     for order, idx in planned:
         if order:
             nr = 1 << order
@@ -34,18 +34,18 @@ def policy_alloc_plan(m, seg, got):
                 if len(heads):
                     sel = sel[:len(heads)]
                     ok[sel] = True
-                    p["new"].append((order, (firsts[sel][:, None] + np.arange(nr)[None, :]).ravel()))
-                    p["heads"].append(heads)
+                    p.new.append((order, (firsts[sel][:, None] + np.arange(nr)[None, :]).ravel()))
+                    p.heads.append(heads)
             idx = idx[~np.repeat(ok, nr)]
             idx = idx[(idx >= seg.i0) & (idx < seg.i1)]
             if not len(idx):
                 continue
-        p["new"].append((0, idx))
-        p["heads"].append(_alloc_pages(m, pol, vma.pgoff + idx, got))
-    cow = p["cow"]
-    p["cow_heads"] = None
+        p.new.append((0, idx))
+        p.heads.append(_alloc_pages(m, pol, vma.pgoff + idx, got))
+    cow = p.cow
+    p.cow_heads = None
     if cow is not None and len(cow[0]):
-        p["cow_heads"] = _alloc_pages(m, pol, vma.pgoff + cow[0], got)
+        p.cow_heads = _alloc_pages(m, pol, vma.pgoff + cow[0], got)
 
 
 def _alloc_pages(m, pol, ilx, got):

@@ -55,7 +55,7 @@ def huge_zero(proc, vma, idx, plan):
     whole = [f for f in first.tolist() if not vma.ptes[f:f + nr].any()]
     if not whole:
         return idx
-    plan["huge_zero"] = True
+    plan.huge_zero = True
     big = (np.array(whole, np.int64)[:, None] + np.arange(nr)[None, :]).ravel()
     return np.union1d(idx, big)
 
@@ -70,7 +70,7 @@ def map_cached_pmds(proc, seg, plan):
     mm = proc.machine.mem_map
     nr = 1 << o
     base = vma.start >> proc.machine.page_shift
-    idx, pfns = plan["map_cached"]
+    idx, pfns = plan.map_cached
     extra_i, extra_p = [], []
     for a0 in np.unique(((base + idx) >> o) << o).tolist():
         a0 -= base
@@ -86,13 +86,13 @@ def map_cached_pmds(proc, seg, plan):
         i = np.concatenate([idx] + extra_i)
         p = np.concatenate([pfns] + extra_p)
         i, first = np.unique(i, return_index=True)
-        plan["map_cached"] = (i, p[first])
+        plan.map_cached = (i, p[first])
 
 def fault_around(proc, seg, idx, plan):
     """do_fault_around on a read fault of a shared page: the PTEs of the window of
     fault_around_bytes (64 KiB) around each faulting page, clamped to the VMA and its
     page table, map the pages already in the page cache (filemap_map_pages skips
-    poisoned and locked ones). Adds them to plan["map_cached"]."""
+    poisoned and locked ones). Adds them to plan.map_cached."""
     m = proc.machine
     mm = m.mem_map
     vma = seg.vma
@@ -117,8 +117,8 @@ def fault_around(proc, seg, idx, plan):
         cand, pfns = cand[ok], pfns[ok]
     if not len(cand):
         return
-    if plan["map_cached"] is not None:
-        keep = ~np.isin(cand, plan["map_cached"][0])
-        cand = np.concatenate((plan["map_cached"][0], cand[keep]))
-        pfns = np.concatenate((plan["map_cached"][1], pfns[keep]))
-    plan["map_cached"] = (cand, pfns)
+    if plan.map_cached is not None:
+        keep = ~np.isin(cand, plan.map_cached[0])
+        cand = np.concatenate((plan.map_cached[0], cand[keep]))
+        pfns = np.concatenate((plan.map_cached[1], pfns[keep]))
+    plan.map_cached = (cand, pfns)

@@ -5,7 +5,8 @@ memory offline (mm/memory_hotplug.c: offline_pages, do_migrate_range) and demoti
 
 A VMA's policy is ``Vma.policy``: None (the default: faults allocate on ``Vma.node``,
 the node the mapping was created for, which stands in for the task's local node) or a
-:class:`MemPolicy`. Faults in a VMA with a policy allocate through :func:`policy_alloc_plan`.
+:class:`MemPolicy`. Faults in a VMA with a policy allocate through
+:func:`copyengine.mm.mempolicy_alloc.policy_alloc_plan` (mm/: the fault path needs it).
 
 Offline nodes are ``Machine.offline_nodes``: the allocator hands out nothing there
 (``Machine.alloc_folios`` is ENOMEM, ``alloc_folios_upto`` returns nothing), so a fault
@@ -25,7 +26,6 @@ from ..mm.pageflags import OWNER_QUARANTINE, PG_allocated, PG_head, PG_isolated
 from ..mm.pte import PTE_MIGRATION, PTE_PRESENT, pte_pfn
 from ..uapi import (MPOL_BIND, MPOL_DEFAULT, MPOL_INTERLEAVE, MPOL_LOCAL, MPOL_MF_MOVE, MPOL_MF_MOVE_ALL,
                     MPOL_MF_STRICT, MPOL_PREFERRED, MR_DEMOTION, MR_MEMORY_HOTPLUG, MR_MEMPOLICY_MBIND)
-from ..mm.mempolicy_alloc import _alloc_pages, policy_alloc_plan  # noqa: F401  (their old home)
 from .accounting import SPLIT
 from .core import MIGRATE_ASYNC, MIGRATE_SYNC, folio_isolate_lru, migrate_pages as migrate_folios
 
@@ -194,8 +194,8 @@ def do_mbind(p, addr, length, mode, nodes, flags=0) -> None:
 
 
 def _seg(p, v):
-    from ..mm.process import _Seg
-    return _Seg(v, 0, v.npages)
+    from ..mm.process import VmaRange
+    return VmaRange(v, 0, v.npages)
 
 
 def _target(m, queued_as, h, k):

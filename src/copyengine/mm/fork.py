@@ -27,7 +27,7 @@ class ForkOps:
         m = self.machine
         mm = m.mem_map
         with m.lock:
-            self._enter()
+            self.enter()
             # No wait on migration entries: copy_nonpresent_pte copies them to the child
             # (read-only in both, for copy-on-write), and the migration's finalize walks the
             # rmap again and maps the destination in the child too.

@@ -55,7 +55,7 @@ class GupOps:
             raise oserror(errno.EINVAL, f"pin length must be positive, got {length}")
         addr = self._check_range(addr, length)
         with m.lock:
-            self._enter()
+            self.enter()
             start = addr & ~(m.page_size - 1)
             end = -(-(addr + length) // m.page_size) * m.page_size
             segs = self._access(start, end - start, True)

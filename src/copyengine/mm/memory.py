@@ -68,7 +68,7 @@ class MemoryOps:
             if now >= deadline:
                 raise oserror(errno.ETIMEDOUT, "waited too long on a migration entry")
             m.cond.wait(deadline - now)
-            self._enter()
+            self.enter()
 
 
     def _under_migration(self, seg) -> bool:
@@ -327,7 +327,7 @@ class MemoryOps:
     def _access(self, addr, length, write, data=None):
         """Fault in [addr, addr+length) (all or nothing), then copy ``data`` in (a write),
         or bytes out (a read). A write fault without data only populates (pin, MAP_POPULATE)."""
-        segs = self._wait_migration(lambda: self._span(addr, length))
+        segs = self.wait_for_migration(lambda: self.span(addr, length))
         for s in segs:
             self._plan(s, write)
         self._alloc_plans(segs)
@@ -378,10 +378,10 @@ class MemoryOps:
             raise TypeError(f"data must be a contiguous bytes-like object, not {type(data).__name__}") from None
         addr = self._check_range(addr, len(data))
         if not len(data):
-            self._enter()  # ESRCH after exit, even for an empty write
+            self.enter()  # ESRCH after exit, even for an empty write
             return
         with self.machine.lock:
-            self._enter()
+            self.enter()
             self._access(addr, len(data), True, data)
 
     def read(self, addr, n) -> bytes:
@@ -391,10 +391,10 @@ class MemoryOps:
             raise oserror(errno.EINVAL, f"read length must be >= 0, got {n}")
         addr = self._check_range(addr, n)
         if n == 0:
-            self._enter()  # ESRCH after exit, even for an empty read
+            self.enter()  # ESRCH after exit, even for an empty read
             return b""
         with self.machine.lock:
-            self._enter()
+            self.enter()
             return self._access(addr, n, False)
 
     # ------------------------------------------------------------------ lookups
@@ -402,7 +402,7 @@ class MemoryOps:
         addr = _check_int(addr, "addr")
         m = self.machine
         with m.lock:
-            self._enter()
+            self.enter()
 
             def resolve():
                 vma = self.find_vma(addr) if 0 <= addr < ADDRESS_LIMIT else None
@@ -411,7 +411,7 @@ class MemoryOps:
                 i = (addr - vma.start) >> m.page_shift
                 return [VmaRange(vma, i, i + 1)]
 
-            s = self._wait_migration(resolve)[0]
+            s = self.wait_for_migration(resolve)[0]
             pte = s.vma.ptes[s.i0]
             if not pte & PTE_PRESENT:
                 raise oserror(errno.ENOENT, f"no page is mapped at {addr:#x} (never touched)")

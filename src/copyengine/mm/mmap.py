@@ -33,8 +33,6 @@ class VmaRange:
         self.vma, self.i0, self.i1, self.plan = vma, i0, i1, None
 
 
-_Seg = VmaRange  # the old private name, still used inside mm/
-
 
 class MmapOps:
     """mmap / munmap and the VMA tree of a :class:`~.process.Process` (mm/mmap.c, mm/vma.c)."""
@@ -117,7 +115,7 @@ class MmapOps:
         order = (fsize // m.page_size).bit_length() - 1
         length = -(-length // m.page_size) * m.page_size
         with m.lock:
-            self._enter()
+            self.enter()
             if node not in self.mems_allowed:
                 raise oserror(errno.EINVAL, f"node {node} is outside the process's cpuset")
             start = -(-self._next_addr // fsize) * fsize
@@ -158,7 +156,7 @@ class MmapOps:
         if addr < 0 or addr + length > ADDRESS_LIMIT:
             raise oserror(errno.EINVAL, "munmap range outside the address space")
         with m.lock:
-            self._enter()
+            self.enter()
             self._unmap_range(addr, addr + length)
 
     def _unmap_range(self, start, end):
@@ -166,7 +164,7 @@ class MmapOps:
 
         def resolve():
             return [VmaRange(v, (max(start, v.start) - v.start) >> shift, (min(end, v.end) - v.start) >> shift)
-                    for v in self._overlapping(start, end)]
+                    for v in self.find_vmas(start, end)]
 
         # zap_pte_range does not wait on a migration entry: it drops it, and the migration
         # then finds nothing to restore there (the destination is freed if unmapped)

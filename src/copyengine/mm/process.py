@@ -20,11 +20,11 @@ from ..uapi import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL, MPOL_MF_STRICT  # noqa: F401 
 from .fork import ForkOps
 from .gup import GupOps, Pin  # noqa: F401  (re-exported)
 from .memory import MemoryOps, pfn_runs  # noqa: F401  (re-exported)
-from .mmap import ADDRESS_LIMIT, MMAP_BASE, MmapOps, VmaRange, _Seg  # noqa: F401  (re-exported)
+from .mmap import ADDRESS_LIMIT, MMAP_BASE, MmapOps, VmaRange  # noqa: F401  (re-exported)
 from .vma import Vma
 
 __all__ = ["ADDRESS_LIMIT", "MMAP_BASE", "MPOL_MF_MOVE", "MPOL_MF_MOVE_ALL", "MPOL_MF_STRICT", "Pin",
-           "Process", "VmaRange", "_Seg", "pfn_runs"]
+           "Process", "VmaRange", "pfn_runs"]
 
 
 class Process(MmapOps, MemoryOps, GupOps, ForkOps):
@@ -51,12 +51,6 @@ class Process(MmapOps, MemoryOps, GupOps, ForkOps):
         self.machine.check_open()
         if not self.alive:
             raise oserror(errno.ESRCH, f"process {self.pid} has exited")
-
-    # the private names mm/ (and modules not yet moved to the public ones) still use
-    _enter = enter
-    _span = MmapOps.span
-    _overlapping = MmapOps.find_vmas
-    _wait_migration = MemoryOps.wait_for_migration
 
     def exit(self) -> None:
         """End the process: every mapping is unmapped and its memory freed (pins taken by

@@ -12,7 +12,8 @@
 from .errors import EHWPOISON, EngineUnavailable, MachineClosedError, PluginError
 from .hookspecs import hookimpl, hookspec
 from .machine import Machine
-from .mm.process import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL, MPOL_MF_STRICT, Pin, Process
+from .mm.process import Pin, Process
+from .uapi import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL, MPOL_MF_STRICT
 from .uapi import MPOL_BIND, MPOL_DEFAULT, MPOL_INTERLEAVE, MPOL_LOCAL, MPOL_PREFERRED  # noqa: F401
 
 __version__ = "0.1.0"

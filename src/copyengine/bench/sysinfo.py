@@ -120,9 +120,11 @@ def _numba_info() -> dict:
         out["numba_error"] = f"{type(e).__name__}: {e}"
         return out
     try:
-        from numba.np.ufunc import parallel
-        parallel._launch_threads()
-        out["numba_threading_layer"] = parallel.threading_layer()
+        # public API only (issue 15): get_num_threads() starts Numba's thread pool, after
+        # which threading_layer() can name the layer it loaded. It costs what the private
+        # _launch_threads() did (one pool start, ~5 ms), no compile of a parallel function
+        numba.get_num_threads()
+        out["numba_threading_layer"] = numba.threading_layer()
         out["numba_num_threads"] = int(numba.config.NUMBA_NUM_THREADS)
     except Exception as e:
         out["numba_threading_layer"] = None

@@ -4,189 +4,74 @@ For every batch it predicts the copy time of each candidate engine -- ``serial``
 for N = 1, 2, 4 ... up to the CPUs this process may use, and ``opencl`` where an OpenCL
 device is present and the batch is above its minimum -- as ``overhead + bytes /
 bandwidth``, and runs the fastest. The two numbers per engine are measured on a scratch
-buffer the first time the engine copies (about 10 ms each; a candidate with a minimum
-batch size when the first batch it would take arrives), then corrected from
-every batch it actually runs (the median ratio of measured to predicted time over the
-last few batches, per engine and batch-size class), so the model follows the machine it
-runs on rather than numbers written here.
+buffer the first time the engine copies (a few ms each; a candidate with a minimum batch
+size when the first batch it would take arrives), then corrected from every batch it
+actually runs (the median ratio of measured to predicted time over the last few batches,
+per engine and batch-size class; a class not yet seen borrows the nearest seen one's), so
+the model follows the machine it runs on rather than numbers written here.
+
+**Two regimes.** An engine that copies small batches on the calling CPU alone
+(``Capabilities.inline_bytes``: ``mt:N`` below 1 MiB) gets one line for batches below that
+size and another, measured at 2 and 8 MiB, for those above: one line through 64 KiB (one
+thread) and 8 MiB (threads woken) charged the wake-up to every byte and predicted mt:2 at
+half its speed for 512 MiB batches (the bench: auto 11 GB/s against mt:2's 19).
+
+**What an observation is worth.** A batch that took the host's page faults (its
+destination never touched before: the first run into fresh frames costs 20-55x; counted
+with ``getrusage``) tells nothing about the engine and is not counted; neither is a lone
+batch more than :data:`_OUTLIER` times slower than predicted (a preempted copy), unless the
+next one is too.
 
 **Idle CPUs** come from /proc/stat (sampled at most every 0.2 s; the load average where
 /proc/stat is missing); this process's own CPU time counts as available, and so does the
-calling CPU. A candidate is measured with the CPUs that were free then (``_Model.cpus``:
-its threads, capped by the idle CPUs seen across the calibration); when fewer are free
-now, its predicted time grows by that ratio (its threads share what is left) -- except
-``mt:N``, whose threads claim work dynamically, so that one without a CPU costs little
-(observations still correct its model). ``serial`` is always a candidate, so ``auto`` is
-never slower than the batched single-thread copy, which is never slower than ``vanilla``
-("at worst the same").
+calling CPU. A candidate is measured with the CPUs that were free then (``_Model.cpus``);
+when fewer are free now, its predicted time grows by that ratio (its threads share what is
+left) -- except ``mt:N``, whose threads claim work dynamically, so that one without a CPU
+costs little, and with a busy neighbour more threads still get a larger share of the CPUs
+(busy bench: mt:2 1.67x mt:1 at 2MiB@64KiB x32). ``serial`` is always a candidate, so
+``auto`` is never slower than the batched single-thread copy ("at worst the same").
+
+**Ties, staying, exploring.** Predictions within :data:`_MARGIN` of the least, when they
+are not both measured at this batch size, go to the ``mt:N`` with more threads
+(calibration copies a hot buffer, which flatters one thread). The last choice at a batch
+size stays unless another is predicted :data:`_SWITCH` faster: on a shared host one batch
+moves by more than that, and each switch on noise costs a batch. A candidate not far from
+the best is re-measured now and then, the least recently measured first, paid from a
+budget of :data:`_EXPLORE_SHARE` of the predicted copy time so far, so that a model
+measured on a busy minute cannot hide an engine for good and exploring stays cheap.
 
 **State is per engine**, so per Machine: calibration, corrections, idle-CPU samples and
 the candidates that could not be created. One Machine made while the process was
 restricted to one CPU does not change what a later Machine sees.
 
 **Why it chose**: when a ``copyengine_migration_event`` observer is registered, every
-batch first sends an ``"engine_choice"`` event: ``{"engine", "nbytes", "reason",
-"idle_cpus", "cpus", "predicted_us": {candidate: microseconds}}`` (``reason``: ``"least
-predicted time"``, ``"more threads, predicted within 15% of the least"`` (calibration on a
-hot buffer flatters one thread; see :meth:`AutoEngine.choose`), ``"exploring"``, or
-``"only serial fits"``).
+batch first sends one ``"engine_choice"`` event (one per batch even when the framework
+asks twice, as its small-call path does before it hands a batch on): ``{"engine",
+"nbytes", "reason", "idle_cpus", "cpus", "predicted_us": {candidate: microseconds},
+"basis": {candidate: how its prediction was made}}``. ``reason``: ``"least predicted
+time"``, ``"more threads, predicted within 15% of the least"``, ``"the last choice at
+this size, no other predicted 10% faster"``, ``"exploring"``, or ``"only serial fits"``;
+``basis``: ``"measured"`` (batches of this size class), ``"measured nearby"`` (a
+neighbouring class), ``"others measured"`` (no batch of this engine near this size: the
+other engines' correction here), or ``"calibrated"``. The model itself (calibration,
+corrections, which batches count, idle CPUs) is :mod:`.auto_model`.
 """
 from __future__ import annotations
 
-import collections
-import contextlib
-import math
-import mmap
-import os
 import threading
 import time
 
-import numpy as np
-
 from ..errors import EngineUnavailable
 from ..hookspecs import hookimpl
-from .base import Capabilities, CopyJob, Engine, run_engine
+from .auto_model import IdleCpus, _calibrate, _faults, _Scratch, _size_class, available_cpus, fresh_memory
+from .base import Capabilities, Engine, run_engine
 from .mt import MtEngine
 
-_CALIBRATION_SIZES = (64 << 10, 8 << 20)
-_WINDOW = 5  # batches per size class whose median corrects the model
-_OUTLIER = 4.0  # a batch this much slower than predicted is noise until it repeats
-_EXPLORE_EVERY = 32  # one batch in this many re-measures the least recently tried candidate
-_EXPLORE_WITHIN = 4.0
-_MARGIN = 0.15  # predictions this close are a tie: the candidate with more threads wins  # ... among those predicted at most this much slower than the best
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
-class IdleCpus:
-    """How many CPUs are free for this process: idle time plus this process's own CPU
-    time, over all CPU time, between two /proc/stat samples. Counting our own time as
-    available matters: the copy threads of the previous batch must not make the next
-    batch think the machine is busy."""
-
-    _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def __init__(self, cpus: int, period: float = 0.2):
-        self.cpus, self.period = cpus, period
-        self._last = None  # (time, idle ticks, total ticks, own ticks)
-        self._idle = cpus
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _read():
-        with open("/proc/stat") as f:
-            fields = f.readline().split()[1:]
-        ticks = [int(x) for x in fields]
-        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-        return idle, sum(ticks)
-
-    @classmethod
-    def _own(cls):
-        t = os.times()
-        return (t[0] + t[1]) * cls._CLK_TCK
-
-    def __call__(self) -> int:
-        now = time.monotonic()
-        with self._lock:
-            if self._last is not None and now - self._last[0] < self.period:
-                return self._idle
-            try:
-                idle, total = self._read()
-            except (OSError, ValueError, IndexError):
-                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-                self._idle = max(1, min(self.cpus, self.cpus - int(load) + 1))
-                self._last = (now, 0, 0, 0)
-                return self._idle
-            own = self._own()
-            if self._last is not None and total > self._last[2]:
-                free = (idle - self._last[1]) + (own - self._last[3])
-                frac = min(1.0, free / (total - self._last[2]))
-                self._idle = max(1, min(self.cpus, int(frac * self.cpus + 0.5)))
-            self._last = (now, idle, total, own)
-            return self._idle
-
-
-class _Model:
-    """overhead + bytes/bandwidth per engine, corrected per size class from observations.
-    ``cpus``: the CPUs the engine's threads had while it was measured.
-
-    The correction is the median ratio of measured to predicted time over the last
-    :data:`_WINDOW` batches of the class (the least, until there are three). The first
-    batch of a class is not counted (it pays for first use: fresh frames, cold code), and
-    one more than :data:`_OUTLIER` times slower than predicted counts only when the next
-    is too: one slow batch -- the first into fresh memory takes the host's page faults,
-    measured at 20-55x -- must not rule an engine out for good."""
-
-    def __init__(self, overhead, bandwidth, cpus=1):
-        self.overhead, self.bandwidth, self.cpus = overhead, bandwidth, cpus
-        self.ratio = {}
-        self.window = {}  # size class -> the last ratios measured
-        self.seen = {}    # size class -> time of the last observation
-        self.outlier = {}  # size class -> the last batch was an outlier, not counted
-
-    def predict(self, nbytes):
-        base = self.overhead + nbytes / self.bandwidth
-        return base * self.ratio.get(_size_class(nbytes), 1.0)
-
-    def observe(self, nbytes, seconds):
-        base = self.overhead + nbytes / self.bandwidth
-        c = _size_class(nbytes)
-        r = seconds / base
-        self.seen[c] = time.monotonic()
-        if c not in self.outlier or (r > _OUTLIER * self.ratio.get(c, 1.0) and not self.outlier[c]):
-            self.outlier[c] = True    # the first batch of a class, or a lone outlier
-            return
-        self.outlier[c] = False
-        w = self.window.setdefault(c, collections.deque(maxlen=_WINDOW))
-        w.append(r)
-        self.ratio[c] = sorted(w)[len(w) // 2] if len(w) >= 3 else min(w)
-
-
-def _size_class(nbytes):
-    return max(0, int(math.log2(max(nbytes, 1))))
-
-
-class _Scratch:
-    """A page-aligned buffer for calibration copies (device engines need the alignment),
-    touched once so that no copy pays the page faults; shared by one calibration pass."""
-
-    def __init__(self):
-        self.buf = mmap.mmap(-1, 2 * max(_CALIBRATION_SIZES))
-        self.mem = np.frombuffer(self.buf, np.uint8)
-        self.mem[:] = 1
-
-    def close(self):
-        self.mem = None
-        with contextlib.suppress(BufferError):
-            self.buf.close()
-
-
-def _calibrate(engine, scratch, cpus=1) -> _Model:
-    """The least of two copies of each of two sizes on ``scratch``: the line through them.
-    Kept short (four copies, a few ms an engine): every Machine calibrates, and beside
-    busy Python threads every release of the GIL can cost a switch interval (5 ms)."""
-    mem, half = scratch.mem, max(_CALIBRATION_SIZES)
-    xs, ys = [], []
-    for size in _CALIBRATION_SIZES:
-        job = CopyJob(mem, np.array([0], np.int64), np.array([half], np.int64),
-                      np.array([size], np.int64), np.array([0], np.int64), np.zeros(1, bool))
-        for a in (job.src_off, job.dst_off, job.nbytes, job.folio, job.src_poisoned):
-            a.flags.writeable = False   # as migration's jobs: the compiled code loaded is theirs
-        times = []
-        for _ in range(2):      # the least of two: the first also warms (threads, buffers)
-            t0 = time.perf_counter()
-            run_engine(engine, job, 10.0)
-            times.append(time.perf_counter() - t0)
-        xs.append(size)
-        ys.append(min(times))
-    slope, intercept = np.polyfit(np.array(xs, float), np.array(ys, float), 1)
-    bandwidth = 1.0 / slope if slope > 0 else 1e12
-    return _Model(max(float(intercept), min(ys) * 0.5, 1e-7), float(bandwidth), cpus)
+_MARGIN = 0.15  # predictions this close are a tie: the candidate with more threads wins
+_SWITCH = 0.10  # another engine must be predicted this much faster than the last choice
+_EXPLORE_SHARE = 0.03  # exploring may cost this share of the predicted copy time
+_EXPLORE_GAP = 16  # at least this many choices between two explorations
+_EXPLORE_WITHIN = 3.0  # ... of a candidate predicted at most this much slower than the best
 
 
 def candidate_specs(cpus: int) -> list[str]:
@@ -214,8 +99,13 @@ class AutoEngine(Engine):
         self.models = {}        # spec -> _Model
         self.unavailable = {}   # spec -> why it cannot run here
         self.last_choice = None
+        self.last_basis = {}
         self.choices = {}
-        self._calls = 0
+        self.skipped = {"fresh memory": 0, "outlier": 0}  # batches not counted, and why
+        self._calls = 0         # choices since the last exploration
+        self._budget = 0.0      # seconds of predicted copy time exploring may still cost
+        self._incumbent = {}    # size class -> the last engine chosen (not explored) for it
+        self._pending = threading.local()  # this thread's batch between delegate and record
         self._lock = threading.Lock()
 
     def _ensure(self):
@@ -275,8 +165,15 @@ class AutoEngine(Engine):
         return had / now if now < had else 1.0
 
     def predictions(self, nbytes: int, idle: int) -> dict:
-        """Predicted seconds per candidate that accepts a batch of ``nbytes``."""
-        out = {}
+        """Predicted seconds per candidate that accepts a batch of ``nbytes`` (and sets
+        ``last_basis``: what each prediction rests on)."""
+        out, basis, c = {}, {}, _size_class(nbytes)
+        # what the engines measured at this size say about the rest: the scratch buffer
+        # of calibration is hot and small, real batches of this size are neither -- only
+        # slower: one engine faster than calibrated (measured while busy) says nothing
+        # about another
+        here = sorted(m.ratio[c] for m in self.models.values() if c in m.ratio)
+        prior = (here[len(here) // 2], "others measured") if here and here[len(here) // 2] > 1 else None
         for spec, e in list(self.engines.items()):
             if e.capabilities.min_bytes and nbytes < e.capabilities.min_bytes:
                 continue
@@ -286,36 +183,59 @@ class AutoEngine(Engine):
                         self._measure(spec)
                 if spec not in self.models:
                     continue
-            out[spec] = self.models[spec].predict(nbytes) * self._factor(spec, idle)
+            model = self.models[spec]
+            ratio, basis[spec] = model.correction(c, prior)
+            out[spec] = model.base(nbytes) * ratio * self._factor(spec, idle)
+        self.last_basis = basis
         return out
 
     def choose(self, nbytes: int) -> str:
-        """The candidate with the least predicted time (sets ``last_reason``,
-        ``last_predicted`` and ``last_idle``)."""
+        """The candidate with the least predicted time, a near tie going to more threads,
+        now and then one to re-measure (sets ``last_reason``, ``last_predicted``,
+        ``last_basis`` and ``last_idle``)."""
         self._ensure()
         idle = self.last_idle = self.idle()
         pred = self.last_predicted = self.predictions(nbytes, idle)
         if not pred:
             self.last_reason = "only serial fits"
             return "serial"
-        self._calls += 1
+        basis = self.last_basis
         least = best = min(pred, key=pred.get)
-        # Among those within _MARGIN of the best, the most threads: calibration copies a
-        # hot buffer, which flatters one thread, and mt's extra threads claim work only
-        # when they run, so they rarely cost (bench: mt:2 >= 0.9x mt:1 on every row).
-        best = max((s for s in pred if pred[s] <= (1 + _MARGIN) * pred[best]),
-                   key=lambda s: (self.engines[s].capabilities.threads, -pred[s]))
-        self.last_reason = ("least predicted time" if best == least else
-                            "more threads, predicted within 15% of the least")
-        if self._calls % _EXPLORE_EVERY == 0:
-            # A model measured on a busy machine could hide an engine for good: re-measure
-            # the least recently tried of those not far from the best.
-            near = [s for s, t in pred.items() if t <= _EXPLORE_WITHIN * pred[best]]
-            c = _size_class(nbytes)
-            pick = min(near, key=lambda spec: self.models[spec].seen.get(c, 0.0))
-            if pick != best:
-                self.last_reason = "exploring"
-            return pick
+        self.last_reason = "least predicted time"
+        # Among those within _MARGIN of the least, the mt:N with the most threads -- unless
+        # both were measured at this size: calibration copies a hot buffer, which flatters one
+        # thread, and mt's extra threads claim work only when they run, so they rarely
+        # cost; measured batches say what they cost.
+        threads = self.engines[least].capabilities.threads
+        for s, t in pred.items():
+            n = self.engines[s].capabilities.threads
+            if t <= (1 + _MARGIN) * pred[least] and n > threads and isinstance(self.engines[s], MtEngine) \
+                    and not (basis[s] == basis[least] == "measured"):
+                best, threads = s, n
+        if best != least:
+            self.last_reason = "more threads, predicted within 15% of the least"
+        c = _size_class(nbytes)
+        last = self._incumbent.get(c)
+        if last is not None and last != best and last in pred and pred[last] <= (1 + _SWITCH) * pred[best]:
+            # noise on a shared host moves predictions by more than what a switch gains
+            best = last
+            self.last_reason = "the last choice at this size, no other predicted 10% faster"
+        self._incumbent[c] = best
+        self._calls += 1
+        self._budget += _EXPLORE_SHARE * pred[best]
+        if self._calls >= _EXPLORE_GAP:
+            # A model measured on a busy minute could hide an engine for good: re-measure
+            # the least recently measured of those not far from the best, when the budget
+            # pays for what it is predicted to lose
+            near = [s for s, t in pred.items() if s != best and t <= _EXPLORE_WITHIN * pred[best]]
+            if near:
+                pick = min(near, key=lambda s: self.models[s].seen.get(c, 0.0))
+                cost = max(0.0, pred[pick] - pred[best])
+                if cost <= self._budget:
+                    self._budget -= cost
+                    self._calls = 0
+                    self.last_reason = "exploring"
+                    return pick
         return best
 
     def _tell(self, spec, nbytes):
@@ -326,21 +246,37 @@ class AutoEngine(Engine):
         hook(machine=self.machine, event="engine_choice",
              info={"engine": spec, "nbytes": int(nbytes), "reason": self.last_reason,
                    "idle_cpus": int(self.last_idle), "cpus": self.cpus,
-                   "predicted_us": {s: round(t * 1e6, 2) for s, t in self.last_predicted.items()}})
+                   "predicted_us": {s: round(t * 1e6, 2) for s, t in self.last_predicted.items()},
+                   "basis": dict(self.last_basis)})
 
     def delegate(self, nbytes: int):
         """``(spec, engine)`` that a batch of ``nbytes`` goes to, the engine_choice event
         sent. For a caller that runs the copy itself (a framework with a faster path for
-        some engine); it reports the time with :meth:`record`."""
+        some engine); it reports the time with :meth:`record`. Asked again for the same
+        batch before :meth:`record` (the framework's small-call path hands a batch it
+        cannot take to the batch path), it gives the same answer without choosing again."""
+        pending = getattr(self._pending, "batch", None)
+        if pending is not None and pending[0] == nbytes and pending[1] in self.engines:
+            return pending[1], self.engines[pending[1]]
         spec = self.choose(nbytes)
         self._tell(spec, nbytes)
+        self._pending.batch = (nbytes, spec, _faults())
         return spec, self.engines[spec]
 
     def record(self, spec: str, nbytes: int, seconds: float) -> None:
-        """A batch of ``nbytes`` that ``spec`` copied in ``seconds``: corrects its model."""
-        factor = self._factor(spec, self.last_idle) if spec in self.engines else 1.0
-        if spec in self.models:
-            self.models[spec].observe(nbytes, seconds / factor)
+        """A batch of ``nbytes`` that ``spec`` copied in ``seconds``: corrects its model,
+        unless the batch paid the host's first touch of its destination (page faults
+        counted since :meth:`delegate`) or is a lone outlier."""
+        pending = getattr(self._pending, "batch", None)
+        self._pending.batch = None
+        fresh = pending is not None and pending[:2] == (nbytes, spec) and \
+            fresh_memory(_faults() - pending[2], nbytes)
+        if fresh:
+            self.skipped["fresh memory"] += 1
+        elif spec in self.models:
+            factor = self._factor(spec, self.last_idle) if spec in self.engines else 1.0
+            if not self.models[spec].observe(nbytes, seconds / factor):
+                self.skipped["outlier"] += 1
         self.last_choice = spec
         self.choices[spec] = self.choices.get(spec, 0) + 1
 
@@ -348,7 +284,11 @@ class AutoEngine(Engine):
         nbytes = job.total_bytes
         spec, engine = self.delegate(nbytes)
         t0 = time.perf_counter()
-        res = run_engine(engine, job, self.machine.settings["copy_timeout"])
+        try:
+            res = run_engine(engine, job, self.machine.settings["copy_timeout"])
+        except BaseException:
+            self._pending.batch = None
+            raise
         self.record(spec, nbytes, time.perf_counter() - t0)
         return res
 
@@ -356,9 +296,11 @@ class AutoEngine(Engine):
         self._ensure()
         return {"candidates": {s: {"overhead_us": round(m.overhead * 1e6, 2),
                                    "bandwidth_gbps": round(m.bandwidth / 1e9, 2),
-                                   "cpus": m.cpus}
+                                   "cpus": m.cpus,
+                                   "corrections": {f"{1 << c} B": round(r, 3) for c, r in sorted(m.ratio.items())}}
                                for s, m in self.models.items() if s in self.engines},
-                "unavailable": dict(self.unavailable), "cpus": self.cpus, "idle_cpus": self.idle()}
+                "unavailable": dict(self.unavailable), "cpus": self.cpus, "idle_cpus": self.idle(),
+                "choices": dict(self.choices), "not_counted": dict(self.skipped)}
 
     def close(self):
         with self._lock:
@@ -376,3 +318,4 @@ def _factory(arg, machine):
 @hookimpl
 def copyengine_register_engines(register):
     register("auto", _factory, "per-batch choice of serial, mt:N or opencl from measured costs and idle CPUs")
+

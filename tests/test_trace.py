@@ -173,6 +173,21 @@ def test_mt2_shows_both_threads_inside_the_copy_phase(full):
                                                   if e["name"] == "thread_name"}
 
 
+def test_serial_on_the_cheap_path_shows_its_cpu_lane():
+    """With no plugin, serial's batches copy inline on the cheap path; a recorder still
+    gets serial's "cpu" slice inside each batch's copy phase, counting the batch's folios."""
+    with ce.Machine(nodes=2, node_size="32MiB", plugin_manager=make_plugin_manager(entry_points=False)) as m:
+        m.set_engine("serial")
+        m.settings["nr_max_batched_migration"] = 128
+        p = m.spawn()
+        with trace.record(m) as rec:
+            moved(m, p, 512)  # 2 MiB: above the one-call small path, four batches
+        assert len(rec.batches) == 4 and len(rec.spans) == 4
+        for b, s in zip(rec.batches, rec.spans):
+            assert s[1] == "cpu" and s[5] == "serial" and s[4] == 128
+            assert b[4] <= s[2] <= s[3] <= b[5]
+
+
 @pytest.mark.parametrize("span", [("", 0.0, 1.0, 1), ("x", 2.0, 1.0, 1), ("x", 0.0, 1.0, -1),
                                   ("x", 0.0, float("inf"), 1), ("x", 0.0, 1.0), ["x", 0.0, 1.0, 1],
                                   ("x", "0", 1.0, 1), ("x", 0.0, 1.0, True)])

@@ -463,6 +463,9 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
                 if type(chosen) is SerialEngine:
                     kernels.folio_copy(sel, b.src, b.dst, b.nr, mm.flags, m.mem, m.page_size, nt, b.rc,
                                        b.copied)
+                    if m.recorder is not None:  # the lane serial's own copy_folios reports
+                        m.recorder.copy_spans(chosen.name, [("cpu", tc, time.perf_counter(),
+                                                             int(np.count_nonzero(b.rc[sel] == 0)))])
                 else:
                     migrate_folios_batch_copy(b, sel, chosen, Dispatch(m, chosen))
                 if spec is not None:

@@ -344,3 +344,18 @@ def test_ceiling_in_a_child_process():
     assert c["process"] == "child" and c["verified"]
     assert c["gbps"] > 0 and math.isfinite(c["gbps"]) and set(c["per_threads"]) == {"1", "2"}
     assert c["chunked"]["gbps"] > 0
+
+
+def test_auto_says_why_it_chose_in_the_json_and_the_report():
+    """auto's cells carry its choices by engine and reason (one per batch, warm-up runs
+    included); other engines' cells carry none; the text report lists them."""
+    res = run_bench(page_sizes=["64KiB"], counts=[4], configs=["serial", "auto"], repeat=2, quick=True,
+                    progress=False, ceiling=8.0)
+    cells = {r["config"]: r for r in res["results"]}
+    assert cells["auto"]["verified"] and "auto_choices" not in cells["serial"]
+    a = cells["auto"]["auto_choices"]
+    runs = cells["auto"]["repeats"] + len(cells["auto"]["warmup_seq"])  # one batch per run at 256 KiB
+    assert sum(a["choices"].values()) == runs
+    assert {s: sum(w.values()) for s, w in a["reasons"].items()} == a["choices"]
+    text = report.format_report(res)
+    assert "Why auto chose" in text and "64KiB x4 auto: " in text

@@ -304,6 +304,12 @@ def test_engine_choice_event_says_why():
                                   "more threads, predicted within 15% of the least",
                                   "the last choice at this size, no other predicted 10% faster")
         assert set(info["basis"]) == set(info["predicted_us"])
+        # describe() (what the bench keeps) counts the same choices by engine and reason
+        told = {}
+        for i in choices:
+            told.setdefault(i["engine"], {}).setdefault(i["reason"], 0)
+            told[i["engine"]][i["reason"]] += 1
+        assert machine.engine.describe()["reasons"] == told
         assert set(info["basis"].values()) <= {"measured", "measured nearby", "others measured", "calibrated"}
         assert 1 <= info["idle_cpus"] <= info["cpus"] == machine.engine.cpus
         assert info["nbytes"] == 1 << 20

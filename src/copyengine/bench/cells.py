@@ -34,6 +34,7 @@ class Cell:
     warmup_seq: list = field(default_factory=list)    # and of each untimed one
     worker_pid: int | None = None                     # the process that ran it
     memory: dict | None = None                        # what the row cost that process (runner._memory)
+    auto: dict | None = None                          # auto's choices and their reasons over the row
 
     def add(self, r: dict, seq: int, timed: bool) -> None:
         """One run's sample, as a worker returns it (worker.RowRunner.run)."""
@@ -92,6 +93,8 @@ class Cell:
             out["first_usable_us"] = statistics.median(self.first_usable)
         if self.engines_used:
             out["engines_used"] = dict(self.engines_used)
+        if self.auto:
+            out["auto_choices"] = self.auto
         if self.checks:
             out["checks"] = self.checks
         if self.worker_pid is not None:

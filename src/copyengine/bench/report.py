@@ -245,6 +245,22 @@ def format_targets(res) -> str:
     return "\n".join(lines)
 
 
+def format_auto(res) -> str:
+    """Why ``auto`` chose what it chose: per row, its batches by engine and reason (warm-up
+    runs included, as auto learns from them too)."""
+    lines = []
+    for r in res.get("results", []):
+        a = r.get("auto_choices")
+        if not a or not a.get("reasons"):
+            continue
+        picks = "; ".join(f"{spec} x{sum(why.values())} (" + ", ".join(f"{k}: {v}" for k, v in why.items()) + ")"
+                          for spec, why in sorted(a["reasons"].items(), key=lambda kv: -sum(kv[1].values())))
+        skipped = {k: v for k, v in (a.get("not_counted") or {}).items() if v}
+        lines.append(f"- {r['page_size']} x{r['count']} {r['config']}: {picks}"
+                     + (f"; batches not learned from: {skipped}" if skipped else ""))
+    return "\n".join(lines)
+
+
 def format_report(res, spread=True) -> str:
     parts = [format_header(res), "", format_tables(res, spread=spread)]
     tg = format_targets(res)
@@ -253,6 +269,9 @@ def format_report(res, spread=True) -> str:
     sc = seed.format_comparison(res.get("seed_comparison") or [])
     if sc:
         parts += ["", sc]
+    au = format_auto(res)
+    if au:
+        parts += ["", "Why auto chose (batches by engine and reason, warm-up included):", au]
     parts += ["", format_tradeoff_plot(trade_points(res))]
     failed = [r for r in res.get("results", []) if not r["verified"] and not r.get("unavailable")]
     if failed:
@@ -319,6 +338,9 @@ def write_markdown(res, path, title="copyengine bench") -> None:
         sc = seed.format_comparison(res.get("seed_comparison") or [])
         if sc:
             f.write("\n## The seed side by side\n\n" + sc + "\n")
+        au = format_auto(res)
+        if au:
+            f.write("\n## Why auto chose (batches by engine and reason, warm-up included)\n\n" + au + "\n")
         failed = [r for r in res.get("results", []) if not r["verified"] and not r.get("unavailable")]
         if failed:
             f.write(f"\n## {len(failed)} failed cell(s), not counted\n\n")

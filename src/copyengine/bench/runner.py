@@ -182,6 +182,7 @@ def _measure_group(rs: _Row, workers, ps, count, group, seed_n) -> list:
             if r["error"] and cell.error is None:
                 cell.error = r["error"]
             cell.memory = r["memory"]
+            cell.auto = r.get("auto")
     for cell in cells:
         if cell.error is not None:
             cell.seconds, cell.phases = [], []

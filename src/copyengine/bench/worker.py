@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from ..engines.auto import AutoEngine
 from . import scenarios as sc
 from . import sysinfo
 from .cells import _node_size
@@ -143,8 +144,13 @@ class RowRunner:
 
     def end_row(self, full: bool) -> dict:
         """Compare the row in full (``full``), then measure the memory this row cost this
-        process and free the machine: {"error": ... or None, "memory": {...}}."""
+        process and free the machine: {"error": ... or None, "memory": {...}, "auto": auto's
+        choices over the row, warm-up included, by engine and reason (None for other engines)}."""
         err = None
+        auto = None
+        if self.m is not None and isinstance(self.m.engine, AutoEngine):
+            d = self.m.engine.describe()
+            auto = {k: d[k] for k in ("choices", "reasons", "not_counted")}
         if full and self.wl is not None:
             try:
                 self.wl.full_compare()
@@ -158,7 +164,7 @@ class RowRunner:
                    "baseline_rss_bytes": self.base_rss, "peak_rss_bytes": peak, "peak_reset": self.reset,
                    "peak_rss_growth_bytes": (peak - self.base_rss) if (peak and self.base_rss) else None}
         self.finish()
-        return {"error": err, "memory": mem}
+        return {"error": err, "memory": mem, "auto": auto}
 
     def finish(self, collect=True) -> None:
         had = self.m is not None

@@ -101,6 +101,7 @@ class AutoEngine(Engine):
         self.last_choice = None
         self.last_basis = {}
         self.choices = {}
+        self.reasons = {}  # spec -> {reason: batches}: why each batch went where it went
         self.skipped = {"fresh memory": 0, "outlier": 0}  # batches not counted, and why
         self._calls = 0         # choices since the last exploration
         self._budget = 0.0      # seconds of predicted copy time exploring may still cost
@@ -259,6 +260,8 @@ class AutoEngine(Engine):
         if pending is not None and pending[0] == nbytes and pending[1] in self.engines:
             return pending[1], self.engines[pending[1]]
         spec = self.choose(nbytes)
+        why = self.reasons.setdefault(spec, {})
+        why[self.last_reason] = why.get(self.last_reason, 0) + 1
         self._tell(spec, nbytes)
         self._pending.batch = (nbytes, spec, _faults())
         return spec, self.engines[spec]
@@ -300,7 +303,8 @@ class AutoEngine(Engine):
                                    "corrections": {f"{1 << c} B": round(r, 3) for c, r in sorted(m.ratio.items())}}
                                for s, m in self.models.items() if s in self.engines},
                 "unavailable": dict(self.unavailable), "cpus": self.cpus, "idle_cpus": self.idle(),
-                "choices": dict(self.choices), "not_counted": dict(self.skipped)}
+                "choices": dict(self.choices), "reasons": {s: dict(r) for s, r in self.reasons.items()},
+                "not_counted": dict(self.skipped)}
 
     def close(self):
         with self._lock:

@@ -163,6 +163,7 @@ class Machine:
         self._engine_users = {}   # id(engine) -> migrations using it
         self._retired = {}        # engines replaced while in use, closed by their last user
         self.quarantine = []      # (completion, heads): destinations an engine may still write
+        self.scratch_freed = np.zeros(1, np.int64)  # the small-call path's out-count (under the lock)
         self.recorder = None      # a copyengine.trace.Recorder while one is attached
         self.offline_nodes = set()  # offline_node(): nodes that allocate nothing
         # The shared zero page: frame 0 of node 0, reserved for the machine's life.

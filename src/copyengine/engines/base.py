@@ -55,9 +55,15 @@ class CopyJob:
     channel, e.g. "mt worker 1" or "opencl channel 0"; ``t0``/``t1`` are
     ``time.perf_counter()`` seconds; ``folios`` how many folios the piece copied). Appending
     is thread-safe (list.append); the framework reads the list once the job is retired.
+
+    ``stream`` is True when the migration this job belongs to moves at least ``NT_BYTES``
+    in all (a large move_pages() call cut into batches): its data cannot stay cached, so
+    a CPU engine should write it with non-temporal stores even when this one job is small
+    (the seed's TODO 4). A hint: an engine may ignore it.
     """
 
-    __slots__ = ("mem", "src_off", "dst_off", "nbytes", "folio", "src_poisoned", "nr_folios", "spans")
+    __slots__ = ("mem", "src_off", "dst_off", "nbytes", "folio", "src_poisoned", "nr_folios", "spans",
+                 "stream")
 
     def __init__(self, mem, src_off, dst_off, nbytes, folio, src_poisoned):
         self.mem = mem
@@ -68,6 +74,7 @@ class CopyJob:
         self.src_poisoned = src_poisoned
         self.nr_folios = len(src_poisoned)
         self.spans = None
+        self.stream = False
 
     @property
     def mem64(self):
@@ -216,7 +223,7 @@ def folio_mc_copy(job: CopyJob, folios) -> np.ndarray:
     """mm/util.c folio_mc_copy for the given folios of a job: -EHWPOISON, never reading
     a poisoned source, else copy the folio's descriptors, one after another, with the
     primitive every CPU flow shares (``memops.copy``, non-temporal stores from
-    ``NT_BYTES`` per job). Returns their statuses."""
+    ``NT_BYTES`` per job, or for any job of a ``stream``). Returns their statuses."""
     folios = np.asarray(folios, dtype=np.int64)
     status = np.where(job.src_poisoned[folios], -EHWPOISON, 0).astype(np.int32)
     ok = folios[status == 0]
@@ -226,7 +233,7 @@ def folio_mc_copy(job: CopyJob, folios) -> np.ndarray:
         nbytes = np.ascontiguousarray(job.nbytes, np.int64)
         rc = copy_each(job.mem, np.ascontiguousarray(job.src_off, np.int64),
                        np.ascontiguousarray(job.dst_off, np.int64), nbytes, want[job.folio],
-                       job.total_bytes >= NT_BYTES)
+                       job.stream or job.total_bytes >= NT_BYTES)
         if rc < 0:
             raise ValueError(f"descriptor {-rc - 1} lies outside physical memory")
     return status

@@ -340,7 +340,8 @@ class MtEngine(Engine):
                              f"{job.nr_folios} folios)")
         if nchunks == 0:
             return result
-        args = (mem, job.src_off, job.dst_off, prefix, ndesc, edges, nchunks, self.nt_bytes)
+        nt_bytes = 0 if getattr(job, "stream", False) else self.nt_bytes  # a job-like object may lack it
+        args = (mem, job.src_off, job.dst_off, prefix, ndesc, edges, nchunks, nt_bytes)
         spans = job.spans
         if nchunks > 1 and SYS_FUTEX and _shareable(job.src_off) and _shareable(job.dst_off):
             pool = self._workers()
@@ -356,7 +357,7 @@ class MtEngine(Engine):
         # one chunk, or another thread is using the workers: this thread copies alone
         total = int(edges[nchunks])
         t0 = time.perf_counter() if spans is not None else 0.0
-        _copy_span(mem, job.src_off, job.dst_off, prefix, ndesc, 0, total, total >= self.nt_bytes)
+        _copy_span(mem, job.src_off, job.dst_off, prefix, ndesc, 0, total, total >= nt_bytes)
         if spans is not None:
             spans.append(("mt worker 0", t0, time.perf_counter(), int(np.count_nonzero(result == 0))))
         return result

@@ -38,6 +38,17 @@ def all_migrated(m, n, order, mode, reason) -> dict:
                 large_folio_split=0, mode=mode, reason=MIGRATE_REASON[reason])
 
 
+def count_all_migrated(m, n, order, reason) -> None:
+    """:func:`count_migrate` of ``n`` folios of ``order`` that all migrated, without the
+    stats dict (the small-call path's counters: a one-page call is ~15 us in all)."""
+    pages = n << order
+    v = m._vmstat
+    v["pgmigrate_success"] += pages
+    if order == m.max_order:
+        v["thp_migration_success"] += n
+    v["pgmigrate_success_" + MIGRATE_REASON[reason]] += pages
+
+
 def count_migrate(m, stats) -> None:
     """vmstat for one call, from :func:`migrate_stats`: the kernel's counters and, per
     reason (the kernel has only the tracepoint for that), ``pgmigrate_success_<reason>``

@@ -44,8 +44,10 @@ def build_copy_job(b, sel) -> CopyJob:
     src, dst, nr = b.src[sel], b.dst[sel], b.nr[sel]
     poisoned = np.empty(len(sel), np.bool_)
     kernels.folios_poisoned(sel, b.src, b.nr, mm.flags, poisoned)
-    return CopyJob(m.mem, _frozen(src * ps), _frozen(dst * ps), _frozen(nr * ps),
-                   _frozen(np.arange(len(sel), dtype=np.int64)), _frozen(poisoned))
+    job = CopyJob(m.mem, _frozen(src * ps), _frozen(dst * ps), _frozen(nr * ps),
+                  _frozen(np.arange(len(sel), dtype=np.int64)), _frozen(poisoned))
+    job.stream = b.stream
+    return job
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -154,6 +156,6 @@ def migrate_folios_batch_copy(b, sel, engine, dispatch=None) -> None:
         m.count("copy_fallback_folios" if offload else "copy_below_min_bytes_folios", len(redo))
         mm = m.mem_map
         kernels.folio_copy(redo, b.src, b.dst, b.nr, mm.flags, m.mem, m.page_size,
-                           nbytes >= NT_BYTES, b.rc, b.copied)
+                           b.stream or nbytes >= NT_BYTES, b.rc, b.copied)
     if d.events:
         d.event("batch_copy", engine=engine.name, folios=len(sel), bytes=nbytes, fallback=len(redo))

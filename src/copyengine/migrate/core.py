@@ -67,6 +67,9 @@ class MigrationBatch:
             self.order = np.full(n, order, np.int64)
             self.nr = np.full(n, 1 << order, np.int64)
         self.dst = np.full(n, -1, np.int64) if dst is None else dst
+        # too much to stay cached: the copy streams (TODO 4); the caller marks every batch
+        # of a call that is (Dispatch.stream)
+        self.stream = int(self.nr.sum()) * m.page_size >= NT_BYTES
         self.rc = np.zeros(n, np.int32)
         flags = np.zeros((3, n), bool)
         self.copied, self.moved, self.stray = flags  # stray: destinations an engine may still write
@@ -215,7 +218,7 @@ def migrate_folios_vanilla(b: MigrationBatch, sel, engine, d) -> None:
         with unlocked(m):
             migrate_folios_batch_copy(b, sel, engine, d)
         return
-    nt = int(b.nr[sel].sum()) * m.page_size >= NT_BYTES
+    nt = b.stream or int(b.nr[sel].sum()) * m.page_size >= NT_BYTES
     if kernels.vanilla_move_copy(sel, b.src, b.dst, b.nr, mm.flags, mm.owner, mm.index, mm.refcount,
                                  b.moved, m.mem, m.page_size, nt, b.rc, b.copied):
         _move_cache(b, sel)
@@ -276,6 +279,7 @@ def migrate_pages_batch(m, heads, target, mode, nr_pass, nosplit=False, dispatch
         if not len(retry) or d.exc is not None:
             break
         b = MigrationBatch(m, retry, target)
+        b.stream = b.stream or d.stream
         t0 = t1 = t2 = t3 = t4 = time.perf_counter()
         engine, sel = d.engine, ()
         try:
@@ -393,6 +397,7 @@ def migrate_pages(m, heads, target, mode=None, reason=MR_SYSCALL):
         release_quarantine(m)
     engine = m.get_engine()
     d = Dispatch(m, engine, reason)
+    d.stream = len(heads) > 0 and int(ends[-1]) * m.page_size >= NT_BYTES
     try:
         start = 0
         while start < len(heads):

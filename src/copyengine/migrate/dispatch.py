@@ -35,7 +35,7 @@ class Dispatch:
     (finalized or undone), every folio not migrated is put back, the counters are
     updated, and only then does the call raise it (:func:`migrate_pages`)."""
 
-    __slots__ = ("m", "engine", "reason", "direct_alloc", "direct_copy", "select", "events", "exc")
+    __slots__ = ("m", "engine", "reason", "direct_alloc", "direct_copy", "select", "events", "exc", "stream")
 
     def __init__(self, m, engine, reason=MR_SYSCALL):
         hook = m.pm.hook
@@ -47,6 +47,7 @@ class Dispatch:
         self.select = bool(hook.copyengine_select_engine.get_hookimpls())
         self.events = bool(hook.copyengine_migration_event.get_hookimpls())
         self.exc = None
+        self.stream = False  # the call moves at least NT_BYTES (migrate_pages sets it)
 
     def failed(self, e: BaseException) -> None:
         """Remember the first exception; the call raises it once the machine is settled."""

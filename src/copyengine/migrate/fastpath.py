@@ -35,7 +35,7 @@ from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked, PG_part
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT
 from ..uapi import MR_SYSCALL
 from . import kernels
-from .accounting import all_migrated, count_migrate, migrate_stats
+from .accounting import all_migrated, count_all_migrated, count_migrate, migrate_stats
 from .batch_copy import migrate_folios_batch_copy
 from .core import MigrationBatch, migrate_folios_finalize, putback_movable_folios
 from .core import migrate_pages as migrate_folios
@@ -349,7 +349,8 @@ def _move_small(m, vma, qheads, nq, node, engine) -> int:
     chosen, spec = _copy_choice(engine, nbytes)
     if type(chosen) not in _INLINE and nbytes >= chosen.capabilities.inline_bytes:
         return 0
-    freed = np.zeros(1, np.int64)
+    freed = m.scratch_freed  # the lock is held: one per machine, not one per call
+    freed[0] = 0
     t0 = time.perf_counter()
     if not migrate_small_inline(qheads, nq, node, m.frames_per_node, vma.obj.id, vma.pgoff, vma.ptes,
                                 not chosen.capabilities.batched, m.mem, m.page_size, freed, m.max_order,
@@ -361,11 +362,10 @@ def _move_small(m, vma, qheads, nq, node, engine) -> int:
     m.migrate_times["fused"] += t1 - t0
     m._vmstat["pgalloc"] += pages
     m._vmstat["pgfree"] += int(freed[0])
-    stats = all_migrated(m, nq, order, m.settings["migrate_mode"], MR_SYSCALL)
-    count_migrate(m, stats)
+    count_all_migrated(m, nq, order, MR_SYSCALL)
     if m.recorder is not None:  # one compiled call: its phases are not told apart
         m.recorder.batch(t0, t0, t0, t0, t0, t1, nq, pages, chosen.name)
-        m.recorder.call(t0, t1, t1, **stats)
+        m.recorder.call(t0, t1, t1, **all_migrated(m, nq, order, m.settings["migrate_mode"], MR_SYSCALL))
     return nq
 
 
@@ -383,6 +383,7 @@ def migrate_folios_fast(m, vma, heads, pfns, dst, order, node, engine) -> np.nda
     per_batch = max(m.settings["nr_max_batched_migration"] // nr1, 1)
     out = np.full(len(heads), -errno.EINTR, np.int32)
     exc, handed, unused = None, len(heads), len(heads)
+    stream = (len(heads) << order) * m.page_size >= NT_BYTES  # as MigrationBatch.stream for the call
     start = time.perf_counter()
     m.get_engine()  # held like the full path holds it: a set_engine meanwhile closes it after us
     try:
@@ -392,7 +393,7 @@ def migrate_folios_fast(m, vma, heads, pfns, dst, order, node, engine) -> np.nda
                 handed = unused = lo
                 break
             try:
-                rc = _migrate_batch_fast(m, vma, heads[lo:hi], dst[lo:hi], order, node, engine)
+                rc = _migrate_batch_fast(m, vma, heads[lo:hi], dst[lo:hi], order, node, engine, stream)
             except BaseException as e:  # noqa: B036 - the batch is settled; re-raised below
                 exc = e
                 m.free_folios(dst[hi:], undo=True)  # destinations of batches never started
@@ -429,12 +430,14 @@ def migrate_folios_fast(m, vma, heads, pfns, dst, order, node, engine) -> np.nda
     return out
 
 
-def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
-    """One batch: unmap + move, copy, finalize. Returns the per-folio outcome."""
+def _migrate_batch_fast(m, vma, heads, dst, order, node, engine, stream) -> np.ndarray:
+    """One batch: unmap + move, copy, finalize. Returns the per-folio outcome. ``stream``:
+    the call moves at least NT_BYTES (:attr:`MigrationBatch.stream`)."""
     mm = m.mem_map
     times = m.migrate_times
     t0 = time.perf_counter()
     b = MigrationBatch(m, heads, node, dst, order)
+    b.stream = stream
     b.rmap[vma.obj.id] = [vma]
     n = len(heads)
     npages = n << order
@@ -449,7 +452,7 @@ def _migrate_batch_fast(m, vma, heads, dst, order, node, engine) -> np.ndarray:
         migrate_folios_finalize(b)
         return None
     t1 = time.perf_counter()
-    nt = npages * m.page_size >= NT_BYTES
+    nt = stream or npages * m.page_size >= NT_BYTES
     chosen = engine
     try:
         if not batched:

@@ -22,11 +22,13 @@ with ``getrusage``) tells nothing about the engine and is not counted; neither i
 batch more than :data:`_OUTLIER` times slower than predicted (a preempted copy), unless the
 next one is too.
 
-**Idle CPUs** come from /proc/stat (sampled at most every 0.2 s; the load average where
-/proc/stat is missing); this process's own CPU time counts as available, and so does the
-calling CPU. A candidate is measured with the CPUs that were free then (``_Model.cpus``);
-when fewer are free now, its predicted time grows by that ratio (its threads share what is
-left) -- except ``mt:N``, whose threads claim work dynamically, so that one without a CPU
+**Idle CPUs** come from /proc/stat (sampled at most every 0.2 s, and only for a batch
+some candidate's prediction depends on them -- an engine with threads that is not
+``mt:N``, e.g. opencl above its minimum; the load average where /proc/stat is
+missing); this process's own CPU time counts as available, and so does the calling CPU.
+A candidate is measured with the CPUs that were free then (``_Model.cpus``); when fewer
+are free now, its predicted time grows by that ratio (its threads share what is left) --
+except ``mt:N``, whose threads claim work dynamically, so that one without a CPU
 costs little, and with a busy neighbour more threads still get a larger share of the CPUs
 (busy bench: mt:2 1.67x mt:1 at 2MiB@64KiB x32). ``serial`` is always a candidate, so
 ``auto`` is never slower than the batched single-thread copy ("at worst the same").
@@ -100,6 +102,7 @@ class AutoEngine(Engine):
         self.unavailable = {}   # spec -> why it cannot run here
         self.last_choice = None
         self.last_basis = {}
+        self.last_idle = self.cpus
         self.choices = {}
         self.reasons = {}  # spec -> {reason: batches}: why each batch went where it went
         self.skipped = {"fresh memory": 0, "outlier": 0}  # batches not counted, and why
@@ -165,6 +168,14 @@ class AutoEngine(Engine):
         had = self.models[spec].cpus
         return had / now if now < had else 1.0
 
+    def _idle_matters(self, nbytes: int) -> bool:
+        """Does any candidate for ``nbytes`` depend on idle CPUs (:meth:`_factor`)? Only
+        then is /proc/stat read: the first system call after the process slept costs a
+        few hundred microseconds on a VM, more than a small batch's copy."""
+        return any(e.capabilities.threads > 1 and not isinstance(e, MtEngine)
+                   and not (e.capabilities.min_bytes and nbytes < e.capabilities.min_bytes)
+                   for e in self.engines.values())
+
     def predictions(self, nbytes: int, idle: int) -> dict:
         """Predicted seconds per candidate that accepts a batch of ``nbytes`` (and sets
         ``last_basis``: what each prediction rests on)."""
@@ -195,7 +206,9 @@ class AutoEngine(Engine):
         now and then one to re-measure (sets ``last_reason``, ``last_predicted``,
         ``last_basis`` and ``last_idle``)."""
         self._ensure()
-        idle = self.last_idle = self.idle()
+        if self._idle_matters(nbytes):
+            self.last_idle = self.idle()
+        idle = self.last_idle  # else the last sample (no candidate here depends on it)
         pred = self.last_predicted = self.predictions(nbytes, idle)
         if not pred:
             self.last_reason = "only serial fits"

@@ -310,7 +310,7 @@ def test_engine_choice_event_says_why():
             told.setdefault(i["engine"], {}).setdefault(i["reason"], 0)
             told[i["engine"]][i["reason"]] += 1
         assert machine.engine.describe()["reasons"] == told
-        assert set(info["basis"].values()) <= {"measured", "measured nearby", "others measured", "calibrated"}
+        assert set(info["basis"].values()) <= {"measured", "measured nearby", "calibrated"}
         assert 1 <= info["idle_cpus"] <= info["cpus"] == machine.engine.cpus
         assert info["nbytes"] == 1 << 20
         least = min(info["predicted_us"].values())
@@ -343,8 +343,10 @@ def test_delegate_and_record_let_a_caller_run_the_copy(m, monkeypatch):
     e = m.engine
     e._ensure()
     monkeypatch.setattr(e, "idle", lambda: 64)
+    # mt:2 calibrated 10x faster than the rest: three times slower than that, still the best
+    _models(e, {s: (1e-6, 2e10 if s == "mt:2" else 2e9, 1) for s in e.engines})
     spec, engine = e.delegate(4 << 20)
-    assert engine is e.engines[spec] and e.last_predicted[spec] > 0
+    assert spec == "mt:2" and engine is e.engines[spec] and e.last_predicted[spec] > 0
     before = e.models[spec].predict(4 << 20)
     for _ in range(4):
         spec2, _ = e.delegate(4 << 20)

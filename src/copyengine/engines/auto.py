@@ -42,6 +42,20 @@ the best is re-measured now and then, the least recently measured first, paid fr
 budget of :data:`_EXPLORE_SHARE` of the predicted copy time so far, so that a model
 measured on a busy minute cannot hide an engine for good and exploring stays cheap.
 
+**Nothing to choose.** Below every candidate's ``inline_bytes`` (or ``min_bytes``: mt:N
+copies batches under 1 MiB on the calling CPU alone, opencl declines those under 8 MiB)
+every candidate would copy on the calling CPU: the batch goes to ``serial`` with no
+prediction and nothing recorded (reason ``"every candidate copies on the calling CPU"``),
+since a few microseconds of bookkeeping were a third of a one-page call.
+
+**Settled choices.** Two full choices in a row that agree at a batch size, resting on
+batches measured there, where no candidate depends on idle CPUs, settle it: the next
+:data:`_SETTLED_RUN` batches of that size go to the same engine without predicting (their
+times still correct its model), then a full choice again -- sooner if one of them takes
+:data:`_SWITCH` longer than predicted. Predicting runs a few hundred lines of Python; on
+a host whose CPU slept between calls that costs ~100 us (15 us warm), as much as a small
+batch's copy.
+
 **State is per engine**, so per Machine: calibration, corrections, idle-CPU samples and
 the candidates that could not be created. One Machine made while the process was
 restricted to one CPU does not change what a later Machine sees.
@@ -52,11 +66,15 @@ asks twice, as its small-call path does before it hands a batch on): ``{"engine"
 "nbytes", "reason", "idle_cpus", "cpus", "predicted_us": {candidate: microseconds},
 "basis": {candidate: how its prediction was made}}``. ``reason``: ``"least predicted
 time"``, ``"more threads, predicted within 15% of the least"``, ``"the last choice at
-this size, no other predicted 10% faster"``, ``"exploring"``, or ``"only serial fits"``;
-``basis``: ``"measured"`` (batches of this size class), ``"measured nearby"`` (a
-neighbouring class), ``"others measured"`` (no batch of this engine near this size: the
-other engines' correction here), or ``"calibrated"``. The model itself (calibration,
-corrections, which batches count, idle CPUs) is :mod:`.auto_model`.
+this size, no other predicted 10% faster"``, ``"exploring"``, ``"every candidate copies
+on the calling CPU"`` (no prediction: ``predicted_us`` and ``basis`` empty), ``"settled at
+this size"`` (``predicted_us`` and ``basis`` those of the choice that settled it), or
+``"only serial fits"``; ``basis``: ``"measured"`` (batches of this size class),
+``"measured nearby"`` (a neighbouring class), or ``"calibrated"``. An engine never borrows another's correction:
+mt:1 measured slow at 2 MiB says nothing about serial (in one bench row mt:1 copied 2 MiB
+batches at 0.78x serial's speed), and a borrowed slow-down hid serial for good; an untried
+engine costs at most two batches to measure. The model itself (calibration, corrections,
+which batches count, idle CPUs) is :mod:`.auto_model`.
 """
 from __future__ import annotations
 
@@ -74,6 +92,8 @@ _SWITCH = 0.10  # another engine must be predicted this much faster than the las
 _EXPLORE_SHARE = 0.03  # exploring may cost this share of the predicted copy time
 _EXPLORE_GAP = 16  # at least this many choices between two explorations
 _EXPLORE_WITHIN = 3.0  # ... of a candidate predicted at most this much slower than the best
+_SOLO = "every candidate copies on the calling CPU"
+_SETTLED_RUN = 4  # batches a settled size class goes without a full choice
 
 
 def candidate_specs(cpus: int) -> list[str]:
@@ -109,6 +129,8 @@ class AutoEngine(Engine):
         self._calls = 0         # choices since the last exploration
         self._budget = 0.0      # seconds of predicted copy time exploring may still cost
         self._incumbent = {}    # size class -> the last engine chosen (not explored) for it
+        self._settled = {}      # size class -> [engine, batches left, predicted, basis, s/byte]
+        self._solo_below = 0    # batches below this: every candidate copies on the calling CPU
         self._pending = threading.local()  # this thread's batch between delegate and record
         self._lock = threading.Lock()
 
@@ -132,7 +154,14 @@ class AutoEngine(Engine):
                     self._measure(spec, scratch)
             finally:
                 scratch.close()
+            self._solo_below = self._calling_cpu_limit()
             return self.engines
+
+    def _calling_cpu_limit(self) -> int:
+        """The batch size below which every candidate copies on the calling CPU alone
+        (``inline_bytes``) or declines (``min_bytes``): nothing to choose there."""
+        return min((max(e.capabilities.inline_bytes, e.capabilities.min_bytes)
+                    for s, e in self.engines.items() if s != "serial"), default=1 << 62)
 
     def _measure(self, spec, scratch=None):
         """Calibrate one candidate (an engine with a minimum batch size waits for the first
@@ -147,6 +176,7 @@ class AutoEngine(Engine):
         except Exception as e:  # an engine that cannot copy here is no candidate
             self.unavailable[spec] = f"calibration failed: {type(e).__name__}: {e}"
             del self.engines[spec]
+            self._solo_below = self._calling_cpu_limit()
             engine.close()
             return
         finally:
@@ -180,12 +210,6 @@ class AutoEngine(Engine):
         """Predicted seconds per candidate that accepts a batch of ``nbytes`` (and sets
         ``last_basis``: what each prediction rests on)."""
         out, basis, c = {}, {}, _size_class(nbytes)
-        # what the engines measured at this size say about the rest: the scratch buffer
-        # of calibration is hot and small, real batches of this size are neither -- only
-        # slower: one engine faster than calibrated (measured while busy) says nothing
-        # about another
-        here = sorted(m.ratio[c] for m in self.models.values() if c in m.ratio)
-        prior = (here[len(here) // 2], "others measured") if here and here[len(here) // 2] > 1 else None
         for spec, e in list(self.engines.items()):
             if e.capabilities.min_bytes and nbytes < e.capabilities.min_bytes:
                 continue
@@ -196,7 +220,7 @@ class AutoEngine(Engine):
                 if spec not in self.models:
                     continue
             model = self.models[spec]
-            ratio, basis[spec] = model.correction(c, prior)
+            ratio, basis[spec] = model.correction(c)
             out[spec] = model.base(nbytes) * ratio * self._factor(spec, idle)
         self.last_basis = basis
         return out
@@ -206,7 +230,10 @@ class AutoEngine(Engine):
         now and then one to re-measure (sets ``last_reason``, ``last_predicted``,
         ``last_basis`` and ``last_idle``)."""
         self._ensure()
-        if self._idle_matters(nbytes):
+        c = _size_class(nbytes)
+        self._settled.pop(c, None)
+        idle_matters = self._idle_matters(nbytes)
+        if idle_matters:
             self.last_idle = self.idle()
         idle = self.last_idle  # else the last sample (no candidate here depends on it)
         pred = self.last_predicted = self.predictions(nbytes, idle)
@@ -228,7 +255,6 @@ class AutoEngine(Engine):
                 best, threads = s, n
         if best != least:
             self.last_reason = "more threads, predicted within 15% of the least"
-        c = _size_class(nbytes)
         last = self._incumbent.get(c)
         if last is not None and last != best and last in pred and pred[last] <= (1 + _SWITCH) * pred[best]:
             # noise on a shared host moves predictions by more than what a switch gains
@@ -250,6 +276,8 @@ class AutoEngine(Engine):
                     self._calls = 0
                     self.last_reason = "exploring"
                     return pick
+        if last == best and not idle_matters and basis[best] == "measured":
+            self._settled[c] = [best, _SETTLED_RUN, pred, self.last_basis, pred[best] / nbytes]
         return best
 
     def _tell(self, spec, nbytes):
@@ -272,7 +300,21 @@ class AutoEngine(Engine):
         pending = getattr(self._pending, "batch", None)
         if pending is not None and pending[0] == nbytes and pending[1] in self.engines:
             return pending[1], self.engines[pending[1]]
-        spec = self.choose(nbytes)
+        if nbytes < self._solo_below and "serial" in self.engines:
+            self._pending.batch = (nbytes, "serial", 0)
+            why = self.reasons.setdefault("serial", {})
+            why[_SOLO] = why.get(_SOLO, 0) + 1
+            self.last_reason = _SOLO
+            self.last_predicted = self.last_basis = {}
+            self._tell("serial", nbytes)
+            return "serial", self.engines["serial"]
+        settled = self._settled.get(_size_class(nbytes))
+        if settled is not None and settled[1] > 0 and settled[0] in self.engines:
+            settled[1] -= 1
+            spec, self.last_predicted, self.last_basis = settled[0], settled[2], settled[3]
+            self.last_reason = "settled at this size"
+        else:
+            spec = self.choose(nbytes)
         why = self.reasons.setdefault(spec, {})
         why[self.last_reason] = why.get(self.last_reason, 0) + 1
         self._tell(spec, nbytes)
@@ -283,6 +325,11 @@ class AutoEngine(Engine):
         """A batch of ``nbytes`` that ``spec`` copied in ``seconds``: corrects its model,
         unless the batch paid the host's first touch of its destination (page faults
         counted since :meth:`delegate`) or is a lone outlier."""
+        if nbytes < self._solo_below:     # nothing was chosen: nothing to learn
+            self._pending.batch = None
+            self.last_choice = spec
+            self.choices[spec] = self.choices.get(spec, 0) + 1
+            return
         pending = getattr(self._pending, "batch", None)
         self._pending.batch = None
         fresh = pending is not None and pending[:2] == (nbytes, spec) and \
@@ -290,6 +337,11 @@ class AutoEngine(Engine):
         if fresh:
             self.skipped["fresh memory"] += 1
         elif spec in self.models:
+            c = _size_class(nbytes)
+            settled = self._settled.get(c)
+            if settled is not None and settled[0] == spec and \
+                    seconds > (1 + _SWITCH) * settled[4] * nbytes:
+                self._settled.pop(c, None)      # slower than it settled on: choose again
             factor = self._factor(spec, self.last_idle) if spec in self.engines else 1.0
             if not self.models[spec].observe(nbytes, seconds / factor):
                 self.skipped["outlier"] += 1

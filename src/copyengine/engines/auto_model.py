@@ -125,12 +125,11 @@ class _Model:
                                else (self.overhead, self.bandwidth))
         return overhead + nbytes / bandwidth
 
-    def correction(self, c, prior=None):
+    def correction(self, c):
         """(ratio, basis) for size class ``c``: the median of the batches measured here
-        once there are three; with fewer, the median of them and the prior counted as the
-        missing ones (one noisy batch moves nothing, two that agree do); with none, the
-        nearest class measured within :data:`_NEAR`, else ``prior`` (``(ratio, basis)``:
-        what the other engines measured at this size, when slower than calibrated), else 1."""
+        once there are three; with fewer, the median of them and the prior (the nearest
+        class measured within :data:`_NEAR`, else 1) counted as the missing ones (one noisy
+        batch moves nothing, two that agree do); with none, that prior."""
         w = self.window.get(c)
         near = None
         if not w or len(w) < 3:
@@ -141,9 +140,9 @@ class _Model:
         if w:
             if len(w) >= 3:
                 return self.ratio[c], "measured"
-            p = (near or prior or (1.0, ""))[0]
+            p = (near or (1.0, ""))[0]
             return sorted(list(w) + [p] * (3 - len(w)))[1], "measured"
-        return near or prior or (1.0, "calibrated")
+        return near or (1.0, "calibrated")
 
     def predict(self, nbytes):
         return self.base(nbytes) * self.correction(_size_class(nbytes))[0]

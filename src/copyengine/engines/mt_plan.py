@@ -15,7 +15,8 @@ import numpy as np
 from numba import njit
 
 from ..errors import EHWPOISON
-from .memops import copy as _copy
+from .memops import copy_unfenced as _copy
+from .memops import store_fence
 
 CACHE_LINE = 64
 CHUNKS_PER_THREAD = 16   # chunks per thread (more: a late thread still finds work)
@@ -128,6 +129,8 @@ def _copy_span(mem, src_off, dst_off, prefix, ndesc, lo, hi, nt):
         i += 1
     if run_n:
         _copy(mem, run_d, run_s, run_n, nt)
+    if nt:
+        store_fence()   # once per chunk, before the chunk is counted done
 
 
 def plan(job, nthreads):

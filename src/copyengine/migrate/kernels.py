@@ -13,7 +13,7 @@ import errno
 import numpy as np
 from numba import njit
 
-from ..engines.memops import copy as _copy_bytes
+from ..engines.memops import copy_unfenced, store_fence
 from ..errors import EHWPOISON
 from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT, PTE_WRITE
@@ -148,6 +148,8 @@ def folio_copy(sel, src, dst, nr, flags, mem, page_size, nt, rc, copied):
     numbers, never from a job an engine could have edited."""
     for t in range(sel.shape[0]):
         _mc_copy_one(sel[t], src, dst, nr, flags, mem, page_size, nt, rc, copied)
+    if nt:
+        store_fence()   # once per batch (one per 4 KiB folio cost 15%), before statuses count
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -157,7 +159,7 @@ def _mc_copy_one(f, src, dst, nr, flags, mem, page_size, nt, rc, copied):
         rc[f] = -EHWPOISON
         copied[f] = False
         return
-    _copy_bytes(mem, dst[f] * page_size, src[f] * page_size, nr[f] * page_size, nt)
+    copy_unfenced(mem, dst[f] * page_size, src[f] * page_size, nr[f] * page_size, nt)
     rc[f] = 0
     copied[f] = True
 
@@ -174,6 +176,8 @@ def vanilla_move_copy(sel, src, dst, nr, flags, owner, index, refcount, moved, m
         if _move_one(f, src, dst, nr, flags, owner, index, refcount, moved):
             nshm += 1
         _mc_copy_one(f, src, dst, nr, flags, mem, page_size, nt, rc, copied)
+    if nt:
+        store_fence()
     return nshm
 
 

@@ -52,3 +52,24 @@ def process_alive(pid) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split()[2] != "Z"
+
+
+def set_auto_models(engine, models):
+    """Replace auto's calibrated models (its candidates made first): spec -> (overhead s,
+    bandwidth B/s[, cpus]). Returns the new table."""
+    from copyengine.engines import auto_model
+    engine._ensure()
+    table = {spec: auto_model._Model(*m) for spec, m in models.items()}
+    engine.models.clear()
+    engine.models.update(table)
+    return table
+
+
+def auto_candidates_with(engine, monkeypatch, idle=64, **bandwidths):
+    """auto with every candidate out of the way (1 s a batch) but those named (``mt_1=1e9``
+    is mt:1 at 1 GB/s, 1 us overhead), ``idle`` CPUs free, its engine returned."""
+    models = {spec: (1.0, 1e6) for spec in (engine._ensure() or engine.engines)}
+    models.update({k.replace("_", ":"): (1e-6, bw) for k, bw in bandwidths.items()})
+    set_auto_models(engine, models)
+    monkeypatch.setattr(engine, "idle", lambda: idle)
+    return engine

@@ -8,6 +8,7 @@ import pytest
 import copyengine as ce
 from copyengine.engines import auto, auto_model
 from copyengine.testing import EngineConformance
+from helpers import set_auto_models as _models
 
 
 class TestAutoConformance(EngineConformance):
@@ -19,15 +20,6 @@ def m():
     with ce.Machine(nodes=2, node_size="32MiB") as machine:
         machine.set_engine("auto")
         yield machine
-
-
-def _models(engine, models):
-    """Replace the engine's calibrated models: spec -> (overhead s, bandwidth B/s[, cpus])."""
-    engine._ensure()
-    table = {spec: auto_model._Model(*m) for spec, m in models.items()}
-    engine.models.clear()
-    engine.models.update(table)
-    return table
 
 
 def test_is_the_default_engine():

@@ -8,6 +8,8 @@ import pytest
 import copyengine as ce
 from copyengine.engines import auto, auto_model
 from copyengine.engines.base import Capabilities, Engine
+from helpers import auto_candidates_with
+from helpers import set_auto_models as _models
 
 
 @pytest.fixture
@@ -15,15 +17,6 @@ def m():
     with ce.Machine(nodes=2, node_size="32MiB") as machine:
         machine.set_engine("auto")
         yield machine
-
-
-def _models(engine, models):
-    """Replace the engine's calibrated models: spec -> (overhead s, bandwidth B/s[, cpus])."""
-    engine._ensure()
-    table = {spec: auto_model._Model(*m) for spec, m in models.items()}
-    engine.models.clear()
-    engine.models.update(table)
-    return table
 
 
 def test_a_batch_into_fresh_memory_is_not_counted(m, monkeypatch):
@@ -153,13 +146,7 @@ def test_an_unmeasured_engine_is_tried_not_judged_by_anothers_batches(m, monkeyp
     """Two engines calibrated alike, serial measured at twice its calibration at 512 MiB:
     mt:1, never tried there, keeps its calibrated prediction and gets the next batches;
     after two of them as slow, it is judged by its own and the choice stays (no faster)."""
-    e = m.engine
-    e._ensure()
-    models = {spec: (1.0, 1e6) for spec in e.engines}
-    models["serial"] = (1e-6, 1e9)
-    models["mt:1"] = (1e-6, 1e9)
-    _models(e, models)
-    monkeypatch.setattr(e, "idle", lambda: 64)
+    e = auto_candidates_with(m.engine, monkeypatch, serial=1e9, mt_1=1e9)
     size = 512 << 20
     for _ in range(3):
         e.models["serial"].observe(size, 2 * e.models["serial"].base(size))
@@ -176,15 +163,10 @@ def test_serial_is_not_judged_by_the_slow_down_of_threads(m, monkeypatch):
     """mt:2 measured at twice its calibrated time (its threads wake; calibration's tight
     loop hides that) must not make serial, never tried at this size, look as slow: serial
     gets the batch and is measured."""
-    e = m.engine
-    e._ensure()
-    if "mt:2" not in e.engines:
+    m.engine._ensure()
+    if "mt:2" not in m.engine.engines:
         pytest.skip("needs two CPUs for mt:2")
-    models = {spec: (1.0, 1e6) for spec in e.engines}
-    models["serial"] = (1e-6, 10e9)
-    models["mt:2"] = (1e-6, 15e9)
-    _models(e, models)
-    monkeypatch.setattr(e, "idle", lambda: 64)
+    e = auto_candidates_with(m.engine, monkeypatch, serial=10e9, mt_2=15e9)
     size = 2 << 20
     assert e.choose(size) == "mt:2"
     for _ in range(3):
@@ -199,13 +181,7 @@ def test_a_settled_size_skips_the_prediction_for_a_few_batches(m, monkeypatch):
     _SETTLED_RUN batches go to the same engine without predicting (one count each, reason
     'settled', their times still teach the model), then a full choice; a batch 10% slower
     than the settled prediction ends the settlement at once."""
-    e = m.engine
-    e._ensure()
-    models = {spec: (1.0, 1e6) for spec in e.engines}
-    models["serial"] = (1e-6, 10e9)
-    models["mt:1"] = (1e-6, 8e9)
-    _models(e, models)
-    monkeypatch.setattr(e, "idle", lambda: 64)
+    e = auto_candidates_with(m.engine, monkeypatch, serial=10e9, mt_1=8e9)
     calls = []
     real = e.predictions
     monkeypatch.setattr(e, "predictions", lambda *a: calls.append(a) or real(*a))

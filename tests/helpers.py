@@ -68,7 +68,7 @@ def set_auto_models(engine, models):
 def auto_candidates_with(engine, monkeypatch, idle=64, **bandwidths):
     """auto with every candidate out of the way (1 s a batch) but those named (``mt_1=1e9``
     is mt:1 at 1 GB/s, 1 us overhead), ``idle`` CPUs free, its engine returned."""
-    models = {spec: (1.0, 1e6) for spec in (engine._ensure() or engine.engines)}
+    models = {spec: (1.0, 1e6) for spec in engine._ensure()}
     models.update({k.replace("_", ":"): (1e-6, bw) for k, bw in bandwidths.items()})
     set_auto_models(engine, models)
     monkeypatch.setattr(engine, "idle", lambda: idle)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from copyengine.engines.memops import PREFETCH_AHEAD, copy, copy_nt32
+from copyengine.engines.memops import PREFETCH_AHEAD, copy, copy_nt32, store_fence
 
 SIZE = 1 << 20
 _buf = mmap.mmap(-1, 2 * SIZE)          # page aligned, as the machine's memory
@@ -21,11 +21,13 @@ MEM[:SIZE] = np.random.default_rng(7).integers(0, 256, SIZE, dtype=np.uint8)
 @njit
 def _copy(mem, d, s, n):
     copy(mem, d, s, n, True)
+    store_fence()       # as every caller ends its loop of copies
 
 
 @njit
 def _nt(mem, d, s, blocks):
     copy_nt32(mem, d, s, blocks)
+    store_fence()
 
 
 @settings(max_examples=150, deadline=None)   # the first example compiles

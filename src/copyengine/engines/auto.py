@@ -65,21 +65,22 @@ batch first sends one ``"engine_choice"`` event (one per batch even when the fra
 asks twice, as its small-call path does before it hands a batch on): ``{"engine",
 "nbytes", "reason", "idle_cpus", "cpus", "predicted_us": {candidate: microseconds},
 "basis": {candidate: how its prediction was made}}``. ``reason``: ``"least predicted
-time"``, ``"more threads, predicted within 15% of the least"``, ``"the last choice at
-this size, no other predicted 10% faster"``, ``"exploring"``, ``"every candidate copies
-on the calling CPU"`` (no prediction: ``predicted_us`` and ``basis`` empty), ``"settled at
-this size"`` (``predicted_us`` and ``basis`` those of the choice that settled it), or
-``"only serial fits"``; ``basis``: ``"measured"`` (batches of this size class),
-``"measured nearby"`` (a neighbouring class), or ``"calibrated"``. An engine never borrows another's correction:
-mt:1 measured slow at 2 MiB says nothing about serial (in one bench row mt:1 copied 2 MiB
-batches at 0.78x serial's speed), and a borrowed slow-down hid serial for good; an untried
-engine costs at most two batches to measure. The model itself (calibration, corrections,
-which batches count, idle CPUs) is :mod:`.auto_model`.
+time"``, ``"more threads, predicted within 15% of the least"``, ``"the last choice at this
+size, no other predicted 10% faster"``, ``"exploring"``, ``"every candidate copies on the
+calling CPU"`` (no prediction: ``predicted_us`` and ``basis`` empty), ``"settled at this
+size"`` (``predicted_us`` and ``basis`` those of the choice that settled it), or ``"only
+serial fits"``; ``basis``: ``"measured"`` (batches of this size class), ``"measured
+nearby"`` (a neighbouring class), or ``"calibrated"``. An engine never borrows another's
+correction: mt:1 measured slow at 2 MiB says nothing about serial (in one bench row mt:1
+copied 2 MiB batches at 0.78x serial's speed), and a borrowed slow-down hid serial for
+good; an untried engine costs at most two batches to measure. The model itself
+(calibration, corrections, which batches count, idle CPUs) is :mod:`.auto_model`.
 """
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 from ..errors import EngineUnavailable
 from ..hookspecs import hookimpl
@@ -94,6 +95,16 @@ _EXPLORE_GAP = 16  # at least this many choices between two explorations
 _EXPLORE_WITHIN = 3.0  # ... of a candidate predicted at most this much slower than the best
 _SOLO = "every candidate copies on the calling CPU"
 _SETTLED_RUN = 4  # batches a settled size class goes without a full choice
+
+
+@dataclass(slots=True)
+class _Settled:
+    """A size class settled on ``engine`` (see the module docstring)."""
+    engine: str
+    left: int            # batches still to go without a full choice
+    predicted: dict      # the settling choice's ``last_predicted`` and ``last_basis``
+    basis: dict
+    s_per_byte: float    # its prediction for the engine: a slower batch ends the settlement
 
 
 def candidate_specs(cpus: int) -> list[str]:
@@ -129,7 +140,7 @@ class AutoEngine(Engine):
         self._calls = 0         # choices since the last exploration
         self._budget = 0.0      # seconds of predicted copy time exploring may still cost
         self._incumbent = {}    # size class -> the last engine chosen (not explored) for it
-        self._settled = {}      # size class -> [engine, batches left, predicted, basis, s/byte]
+        self._settled = {}      # size class -> _Settled
         self._solo_below = 0    # batches below this: every candidate copies on the calling CPU
         self._pending = threading.local()  # this thread's batch between delegate and record
         self._lock = threading.Lock()
@@ -277,7 +288,8 @@ class AutoEngine(Engine):
                     self.last_reason = "exploring"
                     return pick
         if last == best and not idle_matters and basis[best] == "measured":
-            self._settled[c] = [best, _SETTLED_RUN, pred, self.last_basis, pred[best] / nbytes]
+            self._settled[c] = _Settled(best, _SETTLED_RUN, pred, self.last_basis,
+                                        pred[best] / nbytes)
         return best
 
     def _tell(self, spec, nbytes):
@@ -300,53 +312,53 @@ class AutoEngine(Engine):
         pending = getattr(self._pending, "batch", None)
         if pending is not None and pending[0] == nbytes and pending[1] in self.engines:
             return pending[1], self.engines[pending[1]]
-        if nbytes < self._solo_below and "serial" in self.engines:
-            self._pending.batch = (nbytes, "serial", 0)
-            why = self.reasons.setdefault("serial", {})
-            why[_SOLO] = why.get(_SOLO, 0) + 1
-            self.last_reason = _SOLO
+        solo = nbytes < self._solo_below and "serial" in self.engines
+        settled = None if solo else self._settled.get(_size_class(nbytes))
+        if solo:
+            spec, self.last_reason = "serial", _SOLO
             self.last_predicted = self.last_basis = {}
-            self._tell("serial", nbytes)
-            return "serial", self.engines["serial"]
-        settled = self._settled.get(_size_class(nbytes))
-        if settled is not None and settled[1] > 0 and settled[0] in self.engines:
-            settled[1] -= 1
-            spec, self.last_predicted, self.last_basis = settled[0], settled[2], settled[3]
+        elif settled is not None and settled.left > 0 and settled.engine in self.engines:
+            settled.left -= 1
+            spec = settled.engine
+            self.last_predicted, self.last_basis = settled.predicted, settled.basis
             self.last_reason = "settled at this size"
         else:
             spec = self.choose(nbytes)
         why = self.reasons.setdefault(spec, {})
         why[self.last_reason] = why.get(self.last_reason, 0) + 1
         self._tell(spec, nbytes)
-        self._pending.batch = (nbytes, spec, _faults())
+        # fault count for record(); a solo batch teaches nothing, so skip the system call
+        self._pending.batch = (nbytes, spec, 0 if solo else _faults())
         return spec, self.engines[spec]
 
     def record(self, spec: str, nbytes: int, seconds: float) -> None:
         """A batch of ``nbytes`` that ``spec`` copied in ``seconds``: corrects its model,
         unless the batch paid the host's first touch of its destination (page faults
         counted since :meth:`delegate`) or is a lone outlier."""
-        if nbytes < self._solo_below:     # nothing was chosen: nothing to learn
-            self._pending.batch = None
-            self.last_choice = spec
-            self.choices[spec] = self.choices.get(spec, 0) + 1
-            return
         pending = getattr(self._pending, "batch", None)
         self._pending.batch = None
+        if nbytes >= self._solo_below:    # below it nothing was chosen: nothing to learn
+            self._learn(spec, nbytes, seconds, pending)
+        self.last_choice = spec
+        self.choices[spec] = self.choices.get(spec, 0) + 1
+
+    def _learn(self, spec, nbytes, seconds, pending):
+        """Correct ``spec``'s model with one batch (see :meth:`record`)."""
         fresh = pending is not None and pending[:2] == (nbytes, spec) and \
             fresh_memory(_faults() - pending[2], nbytes)
         if fresh:
             self.skipped["fresh memory"] += 1
-        elif spec in self.models:
-            c = _size_class(nbytes)
-            settled = self._settled.get(c)
-            if settled is not None and settled[0] == spec and \
-                    seconds > (1 + _SWITCH) * settled[4] * nbytes:
-                self._settled.pop(c, None)      # slower than it settled on: choose again
-            factor = self._factor(spec, self.last_idle) if spec in self.engines else 1.0
-            if not self.models[spec].observe(nbytes, seconds / factor):
-                self.skipped["outlier"] += 1
-        self.last_choice = spec
-        self.choices[spec] = self.choices.get(spec, 0) + 1
+            return
+        if spec not in self.models:
+            return
+        c = _size_class(nbytes)
+        settled = self._settled.get(c)
+        if settled is not None and settled.engine == spec and \
+                seconds > (1 + _SWITCH) * settled.s_per_byte * nbytes:
+            self._settled.pop(c, None)      # slower than it settled on: choose again
+        factor = self._factor(spec, self.last_idle) if spec in self.engines else 1.0
+        if not self.models[spec].observe(nbytes, seconds / factor):
+            self.skipped["outlier"] += 1
 
     def copy(self, job):
         nbytes = job.total_bytes

@@ -1,13 +1,12 @@
 """Compiled memory copies over physical memory, shared by the CPU engines.
 
 ``memmove`` is libc's memmove on two offsets of one array (the fastest copy the host has);
-``copy`` adds non-temporal stores (the seed's TODO 4) for data that cannot stay cached;
-``copy_unfenced`` is the same without the closing store fence, for a loop of copies that
-ends with one :func:`store_fence` (a fence after every 4 KiB page held a run of pages to
-8.9 GB/s, 10.4 with one fence per batch: the fence waits for the write-combining buffers
-to drain). ``copy_spans`` is the body of a batched ``folio_mc_copy``: the chosen
-descriptors, with neighbours that are contiguous on both sides merged into one span, as a
-DMA engine's coalescing would.
+``copy`` adds non-temporal stores (the seed's TODO 4) for data that cannot stay cached,
+unfenced: a loop of copies ends with one :func:`store_fence` (a fence after every 4 KiB
+page held a run of pages to 8.9 GB/s, 10.4 with one fence per batch: the fence waits for
+the write-combining buffers to drain). ``copy_spans`` is the body of a batched
+``folio_mc_copy``: the chosen descriptors, with neighbours that are contiguous on both
+sides merged into one span, as a DMA engine's coalescing would.
 ``atomic_load``/``atomic_store``/``atomic_cas``/``atomic_add`` on an int64 array are what the ``mt``
 engine's threads claim chunks with (the kernel's atomic_long_* on a shared counter).
 """
@@ -172,19 +171,11 @@ def atomic_add(typingctx, arr, idx, delta):
     return sig, codegen
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def copy(mem, d, s, n, nt):
     """Copy n bytes; with ``nt`` (and no overlap) the 32-byte-aligned middle bypasses
-    the caches, and the bytes are globally visible on return."""
-    copy_unfenced(mem, d, s, n, nt)
-    if nt:
-        store_fence()
-
-
-@njit(cache=True, nogil=True, inline="always")
-def copy_unfenced(mem, d, s, n, nt):
-    """:func:`copy` without the closing fence: end the loop of copies with
-    :func:`store_fence` when ``nt``."""
+    the caches. Not fenced: the caller ends its loop of copies with :func:`store_fence`
+    when ``nt``, before it reports a folio done."""
     if not nt or n < 256 or n >= LIBC_STREAM_BYTES or abs(d - s) < n:
         memmove(mem, d, s, n)
         return
@@ -229,7 +220,7 @@ def copy_spans(mem, src_off, dst_off, nbytes, take, nt):
         while j < n and take[j] and src_off[j] == s + length and dst_off[j] == d + length:
             length += nbytes[j]
             j += 1
-        copy_unfenced(mem, d, s, length, nt)
+        copy(mem, d, s, length, nt)
         i = j
     if nt:
         store_fence()

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import EHWPOISON
-from .memops import copy_unfenced as _copy
+from .memops import copy as _copy
 from .memops import store_fence
 
 CACHE_LINE = 64

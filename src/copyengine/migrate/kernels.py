@@ -13,7 +13,8 @@ import errno
 import numpy as np
 from numba import njit
 
-from ..engines.memops import copy_unfenced, store_fence
+from ..engines.memops import copy as _copy_bytes
+from ..engines.memops import store_fence
 from ..errors import EHWPOISON
 from ..mm.pageflags import PG_anon, PG_hwpoison, PG_isolated, PG_locked, PG_nonzero, PG_swapbacked
 from ..mm.pte import PFN_SHIFT, PTE_MIGRATION, PTE_PRESENT, PTE_WRITE
@@ -159,7 +160,7 @@ def _mc_copy_one(f, src, dst, nr, flags, mem, page_size, nt, rc, copied):
         rc[f] = -EHWPOISON
         copied[f] = False
         return
-    copy_unfenced(mem, dst[f] * page_size, src[f] * page_size, nr[f] * page_size, nt)
+    _copy_bytes(mem, dst[f] * page_size, src[f] * page_size, nr[f] * page_size, nt)
     rc[f] = 0
     copied[f] = True
 
